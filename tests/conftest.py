@@ -1,0 +1,109 @@
+"""Shared fixtures: the real llama-server, tiny generated models, free ports, stacks
+that are always stopped, and a final check that no test left a process behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from modelfleet import provision
+from modelfleet.config import StackConfig, load_config
+from modelfleet.launcher import BinaryInfo, find_llama_server, probe_binary
+from modelfleet.stack import Stack
+from modelfleet.tinymodel import TinyShape, write_tiny_llama
+
+
+def free_port() -> int:
+    """A port the OS says is free right now, on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports, held open together so none repeats."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> BinaryInfo:
+    """The real llama-server; the test setup (`modelfleet setup`) must have built it."""
+    try:
+        return probe_binary(find_llama_server())
+    except Exception as exc:  # pragma: no cover - a broken setup, reported clearly
+        pytest.fail(f"llama-server is not available ({exc}); run `bash scripts/bootstrap.sh` first")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight llama GGUF that loads in milliseconds."""
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf", TinyShape())
+
+
+@pytest.fixture(scope="session")
+def dev_model() -> Path:
+    path = provision.cached_dev_model()
+    if not path.is_file():  # pragma: no cover
+        pytest.fail(f"the dev model is missing at {path}; run `bash scripts/bootstrap.sh` first")
+    return path
+
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path, llama_server: BinaryInfo) -> Iterator[StackFactory]:
+    """Build Stacks from YAML text; every one is stopped at teardown."""
+    made: list[Stack] = []
+
+    def factory(yaml_text: str, state_dir: Path | None = None, **kwargs: object) -> Stack:
+        cfg = config_from(yaml_text, tmp_path)
+        stack = Stack(cfg, state_dir or tmp_path / "state", llama_server, stop_grace_s=5.0, **kwargs)  # type: ignore[arg-type]
+        made.append(stack)
+        return stack
+
+    yield factory
+    for stack in made:
+        stack.stop()
+
+
+def config_from(yaml_text: str, base: Path) -> StackConfig:
+    """Load YAML text as if it were a file in ``base`` (relative paths resolve there)."""
+    return load_config(textwrap.dedent(yaml_text), str(base / "stack.yaml"))
+
+
+def _ours(proc: psutil.Process, marker: str) -> bool:
+    try:
+        return any(marker in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphans(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole run, no process started from this run's temp dirs may survive."""
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    leftovers = [p for p in psutil.process_iter() if p.pid != os.getpid() and _ours(p, base)]
+    described = []
+    for p in leftovers:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{p.pid} {' '.join(p.cmdline()[:4])}")
+            p.kill()
+    assert not leftovers, "tests left processes running: " + "; ".join(described)
