@@ -57,6 +57,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model with a long trained context: a generation that outlasts the test's patience."""
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "long.gguf", TinyShape(n_ctx_train=65536))
+
+
+@pytest.fixture(scope="session")
 def dev_model() -> Path:
     path = provision.cached_dev_model()
     if not path.is_file():  # pragma: no cover
@@ -84,8 +90,16 @@ def make_stack(tmp_path: Path, llama_server: BinaryInfo) -> Iterator[StackFactor
 
 
 def config_from(yaml_text: str, base: Path) -> StackConfig:
-    """Load YAML text as if it were a file in ``base`` (relative paths resolve there)."""
-    return load_config(textwrap.dedent(yaml_text), str(base / "stack.yaml"))
+    """Write YAML text to ``base/stack.yaml`` and load it (relative paths resolve there).
+
+    The front door is off unless the text configures ``api:``, so tests never touch port 8000.
+    """
+    text = textwrap.dedent(yaml_text)
+    if not any(line.startswith("api:") for line in text.splitlines()):
+        text += "\napi: {enabled: false}\n"
+    path = base / "stack.yaml"
+    path.write_text(text)
+    return load_config(text, str(path))
 
 
 def _ours(proc: psutil.Process, marker: str) -> bool:

@@ -68,20 +68,20 @@ def test_dev_stack_end_to_end(tmp_path: Path, state_dir: Path, dev_model: Path) 
     res = run("chat", "--config", cfg, "--state-dir", str(state_dir), "--role", "code_impl", "Say hello.")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip(), "the model answered nothing"
-    assert "worker_coder via smollm2" in res.stderr  # task type -> role -> instance
+    assert "code_impl -> worker_coder served by smollm2 via the front door" in res.stderr
 
     res = run("status", "--json", "--config", cfg, "--state-dir", str(state_dir))
-    (row,) = json.loads(res.stdout)
-    assert row["status"] == "healthy" and row["pid"]
-    pid = row["pid"]
+    rows = {r["name"]: r for r in json.loads(res.stdout)["instances"]}
+    assert rows["smollm2"]["status"] == "healthy" and rows["smollm2"]["pid"]
+    assert rows["orchestrator"]["status"] == "healthy"
+    assert rows["smollm2"]["in_flight"] == 0 and rows["smollm2"]["routing"] == "ready"  # the front door's view
+    pids = [rows["smollm2"]["pid"], rows["orchestrator"]["pid"]]
 
     res = run("stop", "--all", "--config", cfg, "--state-dir", str(state_dir))
-    assert res.returncode == 0 and "stopped 1 instance(s): smollm2" in res.stdout
-    assert exited(pid)
-    assert (
-        json.loads(run("status", "--json", "--config", cfg, "--state-dir", str(state_dir)).stdout)[0]["status"]
-        == "stopped"
-    )
+    assert res.returncode == 0 and "stopped 2 instance(s)" in res.stdout
+    assert all(exited(pid) for pid in pids)
+    after = json.loads(run("status", "--json", "--config", cfg, "--state-dir", str(state_dir)).stdout)["instances"]
+    assert {r["status"] for r in after} == {"stopped"}
 
 
 def test_concurrent_starts_share_one_stack(tmp_path: Path, state_dir: Path, tiny_model: Path) -> None:

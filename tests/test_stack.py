@@ -294,3 +294,15 @@ def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_reload_right_after_serving_a_stream_rebinds_its_port(make_stack: StackFactory, tiny_model: Path) -> None:
+    """Regression: the port check refused a port held only by TIME-WAIT connections of the old server."""
+    (p,) = free_ports(1)
+    stack = make_stack("servers:\n" + server_yaml(tiny_model, "alpha", p))
+    stack.start(["alpha"])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{p}/v1/chat/completions", json=body, timeout=30) as resp:
+        resp.read()  # llama-server closes the connection after a stream: its side lingers in TIME-WAIT
+    assert stack.reload("alpha").started == ["alpha"]
+    chat(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -17,11 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from modelfleet import health, provision, registry
-from modelfleet.config import StackConfig, load_config, load_config_file
-from modelfleet.errors import BinaryError, FleetError, UsageError
+from modelfleet import checkpoint, health, hooks, memory, provision, registry
+from modelfleet.bench import sweep as bench
+from modelfleet.config import API_COMPONENT, StackConfig, load_config, load_config_file
+from modelfleet.errors import BinaryError, FleetError, OverBudget, StartupError, UsageError
 from modelfleet.launcher import BinaryInfo, find_llama_server, plan_instances, probe_binary
-from modelfleet.stack import Stack, StatusRow
+from modelfleet.stack import Stack, Status, StatusRow
 
 ENV_CONFIG = "MODELFLEET_CONFIG"
 ENV_STATE_DIR = "MODELFLEET_STATE_DIR"
@@ -200,6 +202,7 @@ def config_check(file: Path) -> None:
 @click.option("--hot-only", is_flag=True, help="Start the HOT tier only (the default without NAMES).")
 @click.option("--include-warm", "include", multiple=True, metavar="NAME", help="Also start this WARM/COLD component.")
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
+@click.option("--ignore-memory", is_flag=True, help="Start even if the memory plan does not fit (with a warning).")
 def start(
     config_path: Path | None,
     dev: bool,
@@ -208,12 +211,14 @@ def start(
     hot_only: bool,
     include: tuple[str, ...],
     as_json: bool,
+    ignore_memory: bool,
 ) -> None:
     """Start the stack (HOT tier), or the named components. Healthy instances are kept."""
     stack = make_stack(config_path, dev, state_dir, need_binary=True)
     chosen = stack.select(names, hot_only=hot_only, include=include)
     if not chosen:
         raise UsageError("nothing to start: the stack has no HOT components; name some or use --include-warm")
+    _check_memory(stack, chosen, ignore_memory)
     report = stack.start(chosen)
     if report.kept:
         err.print(f"already running: {', '.join(report.kept)}")
@@ -222,7 +227,38 @@ def start(
             f"[yellow]running with an older config: {', '.join(report.changed)}; "
             f"`modelfleet reload NAME` applies the new one[/]"
         )
-    _print_status(stack.status(), as_json)
+    if not report.started and stack.cfg.effective_hooks():
+        err.print("nothing started, so hooks were not rerun; `modelfleet hooks run` reruns them", style="dim")
+    _say_hooks(hooks.run_start_hooks(stack, report))
+    _print_status(stack.status(), as_json, hooks.read_results(stack.store.dir))
+
+
+def _check_memory(stack: Stack, chosen: list[str], ignore: bool) -> None:
+    """Before anything starts: the HOT tier, what this start adds and the OS reserve must fit."""
+    plan = memory.build_plan(stack.cfg, starting=chosen, store=memory.MeasurementStore.in_dir(stack.store.dir))
+    if plan.fits:
+        return
+    err.print(memory.render_tree(plan), markup=False)
+    if not ignore:
+        memory.check_plan(plan)
+    err.print(f"warning: the memory plan {plan.verdict()}; starting anyway (--ignore-memory)", style="yellow")
+
+
+@cli.command()
+@stack_options
+@click.option("--total-gb", type=click.FloatRange(min=0, min_open=True), help="Plan for this much RAM (GB).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan(config_path: Path | None, dev: bool, state_dir: Path | None, total_gb: float | None, as_json: bool) -> None:
+    """The memory plan: HOT tier, KV cache, WARM and COLD tiers, OS reserve. Exit code 6 if it does not fit."""
+    cfg = load_stack_config(config_path, dev)
+    store = memory.MeasurementStore.in_dir(resolve_state_dir(cfg, state_dir))
+    result = memory.build_plan(cfg, total_gb=total_gb, store=store)
+    if as_json:
+        out.print_json(data=result.to_json())
+    else:
+        out.print(memory.render_tree(result), markup=False)
+    if not result.fits:
+        sys.exit(OverBudget.exit_code)
 
 
 @cli.command()
@@ -264,7 +300,38 @@ def reload(config_path: Path | None, dev: bool, state_dir: Path | None, name: st
 def status(config_path: Path | None, dev: bool, state_dir: Path | None, as_json: bool) -> None:
     """The stack's instances with a live health probe of each."""
     stack = make_stack(config_path, dev, state_dir, need_binary=False)
-    _print_status(stack.status(), as_json)
+    rows = stack.status()
+    _merge_front_door_view(stack, rows)
+    _print_status(rows, as_json, hooks.read_results(stack.store.dir))
+
+
+def _front_door(stack: Stack, rows: list[StatusRow]) -> tuple[str, dict[str, str]] | None:
+    """Base URL and auth headers of the running front door, if it is healthy."""
+    api = next((r for r in rows if r.component == API_COMPONENT and r.status is Status.HEALTHY), None)
+    if api is None:
+        return None
+    host = "127.0.0.1" if stack.cfg.api.host in ("0.0.0.0", "::") else stack.cfg.api.host
+    key = stack.cfg.api.admin_key or stack.cfg.api.api_key
+    return f"http://{host}:{api.port}", ({"Authorization": f"Bearer {key}"} if key else {})
+
+
+def _merge_front_door_view(stack: Stack, rows: list[StatusRow]) -> None:
+    """In-flight and queued requests per instance, and FAILED instances, from the front door."""
+    door = _front_door(stack, rows)
+    if door is None:
+        return
+    try:
+        resp = httpx.get(door[0] + "/admin/status", headers=door[1], timeout=5.0)
+        view = {i["port"]: i for i in resp.json()["instances"]} if resp.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return
+    for row in rows:
+        inst = view.get(row.port)
+        if inst is None:
+            continue
+        row.in_flight, row.queued, row.routing = inst["in_flight"], inst["queued"], inst["state"]
+        if inst["state"] == "failed":
+            row.status = Status.FAILED
 
 
 @cli.command()
@@ -284,31 +351,133 @@ def chat(
 ) -> None:
     """Send one chat completion to a running instance that serves ROLE and print the answer."""
     stack = make_stack(config_path, dev, state_dir, need_binary=False)
-    cfg = stack.cfg
-    target = registry.resolve(cfg, role)
-    wanted = role or target
-    rows = [r for r in stack.status(include_stopped=False) if target in r.roles and r.status.value == "healthy"]
-    if not rows:
-        raise UsageError(f"no healthy instance serves '{wanted}'; start the stack first (`modelfleet start`)")
-    url = f"http://127.0.0.1:{rows[0].port}/v1/chat/completions"
-    body = {"model": target, "messages": [{"role": "user", "content": message}], "max_tokens": max_tokens}
+    target = registry.resolve(stack.cfg, role)
+    rows = stack.status(include_stopped=False)
+    door = _front_door(stack, rows)
+    headers: dict[str, str] = {}
+    if door is not None:  # through the front door: it routes by role, alias or task type
+        url, headers, via = door[0] + "/v1/chat/completions", door[1], f"the front door (:{door[0].rsplit(':', 1)[1]})"
+        if stack.cfg.api.api_key:
+            headers = {"Authorization": f"Bearer {stack.cfg.api.api_key}"}
+    else:  # no front door: straight to an instance that serves the role
+        serving = [r for r in rows if target in r.roles and r.status is Status.HEALTHY]
+        if not serving:
+            raise UsageError(f"no healthy instance serves '{role or target}'; start the stack (`modelfleet start`)")
+        url, via = f"http://127.0.0.1:{serving[0].port}/v1/chat/completions", f":{serving[0].port}"
+    body = {"model": role or target, "messages": [{"role": "user", "content": message}], "max_tokens": max_tokens}
     try:
-        resp = httpx.post(url, json=body, timeout=timeout_s)
+        resp = httpx.post(url, json=body, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
-        raise FleetError(f"{rows[0].name} (:{rows[0].port}) did not answer: {exc}") from exc
+        raise FleetError(f"{via} did not answer: {exc}") from exc
     if resp.status_code != 200:
-        raise FleetError(f"{rows[0].name} (:{rows[0].port}) answered {resp.status_code}: {resp.text[:300]}")
+        raise FleetError(f"{via} answered {resp.status_code}: {resp.text[:300]}")
     data = resp.json()
-    err.print(f"[dim]{target} via {rows[0].name} (:{rows[0].port}), {data['usage']['completion_tokens']} tokens[/]")
+    tokens = data.get("usage", {}).get("completion_tokens", "?")
+    note = f"{role or target} -> {target} served by {data.get('model')} via {via}, {tokens} tokens"
+    err.print(note, style="dim", markup=False)
     out.print(data["choices"][0]["message"]["content"].strip())
 
 
-def _print_status(rows: list[StatusRow], as_json: bool) -> None:
+@cli.command()
+@stack_options
+@click.argument("server")
+@click.option("--parallel", "levels", default="1,2,4", show_default=True, help="Slot counts to measure: 1,2,4.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Warm-up batches per level.")
+@click.option("--batches", type=click.IntRange(min=1), default=5, show_default=True, help="Measured batches per level.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per request.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), help="Prompts, one per paragraph.")
+@click.option("--ctx-per-slot", type=click.IntRange(min=1), help="Context per slot (default: ctx_size / parallel).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="CSV to append rows to.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a report (.md).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG plot.")
+@click.option("--apply", "apply_", is_flag=True, help="Write the recommended parallel into the stack file.")
+@click.option("--max-p95-multiplier", type=float, default=1.5, show_default=True, help="p95 limit vs parallel 1.")
+@click.option("--min-gain", type=float, default=0.10, show_default=True, help="Least aggregate TPS gain (0.10 = +10%).")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds each request may take.",
+)
+def sweep(
+    config_path: Path | None,
+    dev: bool,
+    state_dir: Path | None,
+    server: str,
+    levels: str,
+    warmup: int,
+    batches: int,
+    max_tokens: int,
+    prompt_file: Path | None,
+    ctx_per_slot: int | None,
+    csv_path: Path | None,
+    report_path: Path | None,
+    plot_path: Path | None,
+    apply_: bool,
+    max_p95_multiplier: float,
+    min_gain: float,
+    timeout_s: float,
+) -> None:
+    """Measure SERVER at several slot counts and recommend (or --apply) its `parallel`."""
+    stack = make_stack(config_path, dev, state_dir, need_binary=True)
+    if apply_ and stack.cfg.source is None:
+        raise UsageError("--apply writes the stack file, and the built-in dev stack has none; pass --config FILE")
+    prompts = bench.read_prompts(prompt_file) if prompt_file else bench.DEFAULT_PROMPTS
+    plan = bench.SweepPlan(
+        server, bench.parse_levels(levels), warmup, batches, max_tokens, prompts, ctx_per_slot, timeout_s
+    )
+    rule = bench.DecisionRule(max_p95_multiplier, min_gain)
+    result = bench.Sweep(stack, plan, rule, csv_path or bench.default_csv_path(server)).run()
+    _print_sweep(result)
+    if report_path:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(bench.render_markdown(result, plan, rule, "modelfleet " + shlex.join(sys.argv[1:])))
+        err.print(f"report written to {report_path}", markup=False)
+    if plot_path:
+        skipped = bench.write_plot(result, plot_path)
+        err.print(skipped or f"plot written to {plot_path}", markup=False)
+    if result.interrupted:
+        err.print("interrupted: the CSV keeps what was measured; nothing was applied", markup=False)
+        sys.exit(130)
+    if result.decision.parallel is None:
+        raise StartupError(f"no level of {server} could be measured: {result.decision.reason}")
+    if apply_:
+        _apply_sweep(Path(str(stack.cfg.source)), result)
+
+
+def _print_sweep(result: bench.SweepResult) -> None:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in bench.TABLE_HEADERS:
+        table.add_column(col, no_wrap=col != "verdict")
+    for row in bench.table_rows(result):
+        table.add_row(*(escape(c) for c in row))
+    out.print(table)
+    out.print(f"{result.server}: {result.decision.summary}", markup=False)
+    err.print(f"{result.server} was {result.restored}; rows are in {result.csv_path}", markup=False)
+
+
+def _apply_sweep(path: Path, result: bench.SweepResult) -> None:
+    chosen = result.decision.parallel
+    assert chosen is not None
+    changes = bench.apply_parallel(path, result.server, chosen, result.ctx_size_for(chosen))
+    if not changes:
+        out.print(f"{path}: servers.{result.server}.parallel is already {chosen}; nothing changed", markup=False)
+    for change in changes:
+        out.print(f"{path}: {change}", markup=False)
+    if changes:
+        out.print(f"`modelfleet reload {result.server}` restarts it with the new slots", markup=False)
+
+
+def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks.HookResult] | None = None) -> None:
     if as_json:
-        out.print_json(data=[{**asdict(r), "status": r.status.value} for r in rows])
+        instances = [{**asdict(r), "status": r.status.value} for r in rows]
+        out.print_json(data={"instances": instances, "hooks": [h.to_json() for h in hook_results or []]})
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("COMPONENT", "PORT", "PID", "STATUS", "TIER", "MODEL", "ROLES"):
+    cols = ("COMPONENT", "PORT", "PID", "STATUS", "INFLIGHT", "QUEUED", "TIER", "EST", "MEASURED", "MODEL", "ROLES")
+    for col in cols:
         table.add_column(col, no_wrap=col != "ROLES")
     colors = {"healthy": "green", "loading": "yellow", "stopped": "dim"}
     for r in rows:
@@ -317,12 +486,174 @@ def _print_status(rows: list[StatusRow], as_json: bool) -> None:
             escape(r.name),
             str(r.port),
             str(r.pid or "-"),
-            f"[{color}]{r.status.value}[/]",
+            f"[{color}]{r.status.value}[/]" + (f" ({r.routing})" if r.routing not in (None, "ready") else ""),
+            "-" if r.in_flight is None else str(r.in_flight),
+            "-" if r.queued is None else str(r.queued),
             r.tier,
+            "-" if r.estimate_bytes is None else memory.fmt_bytes(r.estimate_bytes),
+            "-" if r.measured_bytes is None else memory.fmt_bytes(r.measured_bytes),
             escape(r.model),
             escape(", ".join(r.roles)),
         )
     out.print(table)
+    _print_hooks(hook_results or [])
+
+
+def _print_hooks(results: list[hooks.HookResult]) -> None:
+    """The short "hooks:" section under the status table."""
+    if not results:
+        return
+    out.print("\nhooks:")
+    colors = {"ok": "green", "skipped": "dim"}
+    for r in results:
+        color = colors.get(r.status.value, "red")
+        why = r.error or r.detail or ""
+        req = " (required)" if r.required else ""
+        line = f"  {escape(r.key)}{req}  [{color}]{r.status.value}[/]  {r.duration_s:.2f} s  {r.started_at}"
+        out.print(line + (f"  {escape(why)}" if why else ""))
+
+
+def _say_hooks(results: list[hooks.HookResult]) -> None:
+    for r in results:
+        mark = "[green]ok[/]" if r.ok else f"[red]{r.status.value}[/]"
+        why = r.error or r.detail or ""
+        err.print(f"hook {escape(r.key)}: {mark} in {r.duration_s:.2f} s" + (f": {escape(why)}" if why else ""))
+
+
+# --- hooks and checkpoints -----------------------------------------------------------
+
+
+@cli.group("hooks")
+def hooks_group() -> None:
+    """Init hooks: built-in warm-ups and user functions, run after start."""
+
+
+@hooks_group.command("run")
+@stack_options
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hooks_run(config_path: Path | None, dev: bool, state_dir: Path | None, name: str | None, as_json: bool) -> None:
+    """Rerun the start hooks (or the one named) against the running stack."""
+    stack = make_stack(config_path, dev, state_dir, need_binary=False)
+    results = hooks.run_hooks(stack, "manual", [name] if name else [])
+    if as_json:
+        out.print_json(data=[r.to_json() for r in results])
+    else:
+        _print_hooks(results)
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        raise FleetError(f"hook(s) did not succeed: {', '.join(failed)}; the errors are shown above")
+
+
+@cli.group("checkpoint")
+def checkpoint_group() -> None:
+    """Save and restore the stack: config, what runs, state and slot KV caches."""
+
+
+@checkpoint_group.command("create")
+@stack_options
+@click.argument("name")
+@click.option("--include-state", is_flag=True, help="Also keep a copy of the state file and hook results.")
+@click.option("--kv", is_flag=True, help="Also save every slot's KV cache (servers need `slot_save: true`).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def checkpoint_create(
+    config_path: Path | None,
+    dev: bool,
+    state_dir: Path | None,
+    name: str,
+    include_state: bool,
+    kv: bool,
+    as_json: bool,
+) -> None:
+    """Create checkpoint NAME_YYYYMMDD_HHMMSS under the state directory."""
+    stack = make_stack(config_path, dev, state_dir, need_binary=False)
+    info = checkpoint.create(stack, name, include_state=include_state, kv=kv)
+    if as_json:
+        out.print_json(data=asdict(info))
+    else:
+        out.print(f"created checkpoint {info.id} ({_size(info.size_bytes)}) in {info.path}", markup=False)
+
+
+@checkpoint_group.command("list")
+@stack_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def checkpoint_list(config_path: Path | None, dev: bool, state_dir: Path | None, as_json: bool) -> None:
+    """The stack's checkpoints, oldest first; damaged ones say what is wrong."""
+    stack = make_stack(config_path, dev, state_dir, need_binary=False)
+    infos = checkpoint.list_checkpoints(stack)
+    if as_json:
+        out.print_json(data=[asdict(i) for i in infos])
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("CHECKPOINT", "CREATED", "RUNNING", "STATE", "KV", "SIZE", "PROBLEMS"):
+        table.add_column(col)
+    for i in infos:
+        problems = f"[red]{escape('; '.join(i.problems))}[/]" if i.problems else "-"
+        yes = {True: "yes", False: "-"}
+        running = escape(", ".join(i.running) or "-")
+        table.add_row(
+            escape(i.id), i.created_at, running, yes[i.include_state], yes[i.kv], _size(i.size_bytes), problems
+        )
+    out.print(table if infos else "no checkpoints")
+
+
+@checkpoint_group.command("restore")
+@stack_options
+@click.argument("checkpoint_id", metavar="NAME_TIMESTAMP")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def checkpoint_restore(
+    config_path: Path | None, dev: bool, state_dir: Path | None, checkpoint_id: str, as_json: bool
+) -> None:
+    """Bring the stack back to a checkpoint: config file, what runs, slot KV caches."""
+    stack = make_stack(config_path, dev, state_dir, need_binary=True)
+    report = checkpoint.restore(stack, checkpoint_id)
+    if as_json:
+        out.print_json(data=report.to_json())
+    else:
+        _print_restore(report)
+    problems = report.kv_failed + [h.key for h in report.hooks if h.blocking]
+    if problems:
+        raise checkpoint.CheckpointError(f"restored {checkpoint_id} only partly: {'; '.join(problems)}")
+
+
+def _print_restore(report: checkpoint.RestoreReport) -> None:
+    if report.config_written:
+        out.print(f"config: wrote the checkpoint's text back to {report.config_path}", markup=False)
+    elif report.config_path:
+        out.print(f"config: {report.config_path} already matched", markup=False)
+    for label, names in (
+        ("kept", report.kept),
+        ("reloaded (config changed)", report.reloaded),
+        ("started", report.started),
+        ("stopped", report.stopped),
+        ("KV restored", report.kv_restored),
+    ):
+        if names:
+            out.print(f"{label}: {', '.join(names)}", markup=False)
+    for line in report.kv_failed:
+        out.print(f"[red]KV not restored: {escape(line)}[/]")
+    _print_hooks(report.hooks)
+    for note in report.notes:
+        out.print(f"note: {note}", markup=False)
+
+
+@checkpoint_group.command("delete")
+@stack_options
+@click.argument("checkpoint_id", metavar="NAME_TIMESTAMP")
+def checkpoint_delete(config_path: Path | None, dev: bool, state_dir: Path | None, checkpoint_id: str) -> None:
+    """Delete one checkpoint."""
+    stack = make_stack(config_path, dev, state_dir, need_binary=False)
+    path = checkpoint.delete(stack, checkpoint_id)
+    out.print(f"deleted checkpoint {checkpoint_id} ({path})", markup=False)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def main() -> None:

@@ -115,6 +115,7 @@ class ServerConfig(Component):
     cache_type_k: CacheType | None = None
     cache_type_v: CacheType | None = None
     large: bool | None = None
+    slot_save: bool = False  # --slot-save-path <state dir>/slots/<port>: lets checkpoints save the KV cache
 
     @field_validator("args")
     @classmethod
@@ -166,12 +167,95 @@ class ApiConfig(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 8000
+    api_key: str | None = Field(default=None, min_length=1)
+    admin_key: str | None = Field(default=None, min_length=1)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    queue_max: int = Field(default=64, ge=0)
+    queue_wait_s: float = Field(default=30.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    stop_grace_s: float = Field(default=10.0, ge=0)
+    start_wait_s: float = Field(default=300.0, gt=0)
+    health_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class MonitorConfig(Strict):
+    """Liveness probing and self-healing, done by the front door."""
+
+    interval_s: float = Field(default=2.0, gt=0)
+    probe_timeout_s: float = Field(default=2.0, gt=0)
+    failures_to_eject: int = Field(default=3, ge=1)
+    restart_budget: int = Field(default=5, ge=0)
+    restart_window_s: float = Field(default=600.0, gt=0)
+    backoff_initial_s: float = Field(default=1.0, ge=0)
+    backoff_max_s: float = Field(default=60.0, ge=0)
 
 
 class StartConfig(Strict):
     """How ``start`` orders launches."""
 
     large_model_gb: float = Field(default=4.0, ge=0)
+
+
+class MemoryConfig(Strict):
+    """The memory budget that ``plan`` prints and ``start`` and WARM admission enforce."""
+
+    total_gb: float | None = Field(default=None, gt=0)  # default: this machine's RAM
+    os_reserve_gb: float | None = Field(default=None, ge=0)
+    os_reserve_pct: float | None = Field(default=None, ge=0, lt=100)  # default: 12 (the seed's)
+    compute_buffer_mb: float | None = Field(default=None, ge=0)  # per instance; default: from the model's shape
+    min_free_gb: float = Field(default=1.0, ge=0)  # left free when a WARM instance is admitted
+    log_buffers: bool = True  # llama-server logs at verbosity 4, which prints its buffer sizes
+
+    @model_validator(mode="after")
+    def _one_reserve(self) -> MemoryConfig:
+        if self.os_reserve_gb is not None and self.os_reserve_pct is not None:
+            raise ValueError("give 'os_reserve_gb' or 'os_reserve_pct', not both")
+        return self
+
+
+HookBuiltin = Literal["embed_warmup", "generate_warmup"]
+HookEvent = Literal["start", "instance_up"]
+_HOOK_CALL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+class HookConfig(Strict):
+    """One init hook: a built-in warm-up or a user function named ``module:function``."""
+
+    name: Name
+    builtin: HookBuiltin | None = None
+    call: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    required: bool = False
+    applies_to: list[Name] | None = None  # component names; None = every component
+    on: list[HookEvent] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_is_not_a_boolean(cls, data: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads an unquoted `on:` key as the boolean True.
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
+    @field_validator("call")
+    @classmethod
+    def _call_is_module_function(cls, v: str | None) -> str | None:
+        if v is not None and not _HOOK_CALL.fullmatch(v):
+            raise ValueError(f"{v!r} is not 'module:function' (for example 'mypkg.hooks:seed')")
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HookConfig:
+        if (self.builtin is None) == (self.call is None):
+            raise ValueError("give exactly one of 'builtin' (embed_warmup, generate_warmup) or 'call' (mod:function)")
+        return self
+
+    def events(self) -> list[HookEvent]:
+        """``on``; by default built-ins also warm instances that come up later, user hooks run at start."""
+        if self.on is not None:
+            return list(self.on)
+        return ["start", "instance_up"] if self.builtin else ["start"]
 
 
 #: Flags modelfleet sets itself from config keys; ``args`` may not repeat them.
@@ -181,6 +265,7 @@ MANAGED_FLAGS = frozenset(
         *("-a", "--alias", "--metrics", "--embedding", "--embeddings", "--pooling", "-mm", "--mmproj"),
         *("-md", "--model-draft", "--spec-draft-model", "--spec-type", "--spec-draft-n-max", "--spec-draft-n-min"),
         *("--load-mode", "-lm", "--threads-http", "--log-colors", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v"),
+        "--slot-save-path",
     }
 )
 
@@ -199,7 +284,10 @@ class StackConfig(Strict):
     pools: list[Name] = Field(default_factory=list)
     worker_pool: WorkerPoolConfig = Field(default_factory=WorkerPoolConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     start: StartConfig = Field(default_factory=StartConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    hooks: list[HookConfig] | None = None  # None: warm up the embedders, if any; [] = no hooks
 
     # Where the file was read from; relative paths resolve against its folder.
     source: str | None = Field(default=None, exclude=True)
@@ -211,6 +299,7 @@ class StackConfig(Strict):
             *self._check_ports(),
             *self._check_roles(),
             *self._check_routing(),
+            *self._check_hooks(),
         ]
         if errors:
             raise _CrossFieldErrors(errors)
@@ -288,6 +377,29 @@ class StackConfig(Strict):
         if self.default_role is not None and self.default_role not in roles and self.default_role not in self.aliases:
             errs.append(f"default_role: '{self.default_role}' is not a role; known roles: {valid}")
         return errs
+
+    def _check_hooks(self) -> list[str]:
+        errs: list[str] = []
+        first: dict[str, int] = {}
+        comps = self.components()
+        for i, hook in enumerate(self.hooks or []):
+            if hook.name in first:
+                errs.append(f"hooks[{i}].name: '{hook.name}' is already used by hooks[{first[hook.name]}]")
+            first.setdefault(hook.name, i)
+            errs.extend(
+                f"hooks[{i}].applies_to: '{c}' is not a server or service; known: {', '.join(comps) or '(none)'}"
+                for c in hook.applies_to or []
+                if c not in comps
+            )
+        return errs
+
+    def effective_hooks(self) -> list[HookConfig]:
+        """The hooks to run: ``hooks:`` as given, or by default the embedder warm-up when there are embedders."""
+        if self.hooks is not None:
+            return list(self.hooks)
+        if any(s.embeddings is not None for s in self.servers.values()):
+            return [HookConfig(name="embed_warmup", builtin="embed_warmup")]
+        return []
 
     # --- paths --------------------------------------------------------------
 

@@ -55,3 +55,10 @@ class NoSuchRole(UsageError):
     """A requested role, alias or task type does not exist."""
 
     http_status = 404
+
+
+class OverBudget(FleetError):
+    """The memory plan does not fit, or a WARM instance does not fit in the memory available now."""
+
+    exit_code = 6
+    http_status = 503

@@ -18,13 +18,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from modelfleet import provision
-from modelfleet.config import ServerConfig, ServiceConfig, StackConfig, Tier
+from modelfleet.config import API_COMPONENT, ServerConfig, ServiceConfig, StackConfig, Tier
 from modelfleet.errors import BinaryError, ConfigError
 
 ENV_BINARY = "MODELFLEET_LLAMA_SERVER"
@@ -177,6 +178,7 @@ class InstanceSpec:
     cooldown_s: float = 0.0
     large: bool = False
     required_files: tuple[tuple[str, str], ...] = ()  # (key path, file)
+    slot_dir: str | None = None  # --slot-save-path; created before the spawn (llama-server requires it)
 
     @property
     def name(self) -> str:
@@ -213,7 +215,30 @@ def plan_instances(
                 specs.append(_server_spec(cfg, name, comp, i, port, len(ports), state_dir, binary))
             else:
                 specs.append(_service_spec(cfg, name, comp, i, port, len(ports), state_dir))
+    if API_COMPONENT in wanted and cfg.api.enabled:
+        specs.append(api_spec(cfg, state_dir))
     return specs
+
+
+def api_spec(cfg: StackConfig, state_dir: Path) -> InstanceSpec:
+    """The front door runs as a component of its stack: ``python -m modelfleet.api``."""
+    if not cfg.source or not Path(cfg.source).is_file():
+        raise ConfigError("the front door needs the stack file on disk; start it with --config FILE (or --dev)")
+    argv = [sys.executable, "-m", "modelfleet.api", "--config", cfg.source, "--state-dir", str(state_dir)]
+    return InstanceSpec(
+        component=API_COMPONENT,
+        index=0,
+        replicas=1,
+        kind="api",
+        host=cfg.api.host,
+        port=cfg.api.port,
+        roles=(),
+        tier=Tier.HOT,
+        argv=tuple(argv),
+        log_file=str(state_dir / "logs" / f"{API_COMPONENT}-{cfg.api.port}.log"),
+        health_path="/health",
+        health_timeout_s=cfg.api.health_timeout_s,
+    )
 
 
 def _server_spec(
@@ -233,6 +258,11 @@ def _server_spec(
     if srv.mmproj:
         files.append((f"servers.{name}.mmproj", str(cfg.resolve_path(srv.mmproj))))
     argv = [binary.path if binary else "llama-server", *server_args(cfg, name, srv, port, binary)]
+    slots = slot_save_dir(state_dir, port) if srv.slot_save else None
+    if slots is not None:
+        if binary is not None and not binary.accepts("--slot-save-path"):
+            raise ConfigError(f"servers.{name}.slot_save: {binary.path} does not accept --slot-save-path")
+        argv += ["--slot-save-path", str(slots)]
     return InstanceSpec(
         component=name,
         index=index,
@@ -251,7 +281,13 @@ def _server_spec(
         cooldown_s=srv.cooldown_s,
         large=_is_large(cfg, srv, model),
         required_files=tuple(files),
+        slot_dir=str(slots) if slots is not None else None,
     )
+
+
+def slot_save_dir(state_dir: Path, port: int) -> Path:
+    """Where the instance on ``port`` saves slot KV caches (``POST /slots/{id}?action=save``)."""
+    return state_dir / "slots" / str(port)
 
 
 def _service_spec(
@@ -348,6 +384,9 @@ def server_args(cfg: StackConfig, name: str, srv: ServerConfig, port: int, binar
         add("cache_type_k", "--cache-type-k", srv.cache_type_k)
     if srv.cache_type_v is not None:
         add("cache_type_v", "--cache-type-v", srv.cache_type_v)
+    if cfg.memory.log_buffers and (binary is None or binary.accepts("--verbosity")):
+        # libllama logs its buffer sizes at INFO, which llama-server shows from verbosity 4 (trace) up.
+        add("memory.log_buffers", "--verbosity", "4")
     if srv.args:
         add("args", *srv.args)
     if binary is not None:
@@ -402,6 +441,8 @@ class LocalLauncher:
     def spawn(self, spec: InstanceSpec) -> subprocess.Popen[bytes]:
         log = Path(spec.log_file)
         log.parent.mkdir(parents=True, exist_ok=True)
+        if spec.slot_dir:
+            Path(spec.slot_dir).mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **spec.env}
         with log.open("ab") as out:
             out.write(f"--- modelfleet: starting {spec.name}: {' '.join(spec.argv)}\n".encode())

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import psutil
 
-from modelfleet import health
-from modelfleet.config import StackConfig, Tier
-from modelfleet.errors import FleetError, StartupError, UsageError
+from modelfleet import health, memory
+from modelfleet.config import API_COMPONENT, StackConfig, Tier
+from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
 from modelfleet.launcher import BinaryInfo, InstanceSpec, Launcher, LocalLauncher, plan_instances
 from modelfleet.state import InstanceRecord, StateStore, now_iso
 
@@ -41,6 +41,7 @@ class Status(StrEnum):
     DEAD = "dead"  # in the state file, process gone
     STALE = "stale"  # in the state file, pid now belongs to another process
     STOPPED = "stopped"  # configured, not running
+    FAILED = "failed"  # the front door gave up restarting it (restart budget spent)
 
 
 @dataclass
@@ -55,6 +56,11 @@ class StatusRow:
     roles: list[str]
     started_at: str | None = None
     log_file: str | None = None
+    in_flight: int | None = None  # from the front door, when it runs
+    queued: int | None = None
+    routing: str | None = None  # the front door's view: ready, draining, failed...
+    estimate_bytes: int | None = None  # memory estimate of one instance (from GGUF metadata or ram_gb)
+    measured_bytes: int | None = None  # memory measured once it was ready (RSS or reported buffers)
 
 
 @dataclass
@@ -102,17 +108,21 @@ class Stack:
     def select(self, names: Iterable[str] = (), hot_only: bool = False, include: Iterable[str] = ()) -> list[str]:
         """Component names to start: the named ones, or the HOT tier plus ``include``."""
         names, include = list(names), list(include)
-        comps = self.cfg.components()
+        known = self.component_names()
         for n in [*names, *include]:
-            if n not in comps:
-                known = ", ".join(comps) or "(none)"
-                raise UsageError(f"'{n}' is not a server or service of this stack; known: {known}")
+            if n not in known:
+                raise UsageError(f"'{n}' is not a server or service of this stack; known: {', '.join(known)}")
         if names and hot_only:
             raise UsageError("give component names or --hot-only, not both")
         if names:
-            return [n for n in comps if n in names]
-        chosen = {n for n, c in comps.items() if c.tier is Tier.HOT} | set(include)
-        return [n for n in comps if n in chosen]
+            return [n for n in known if n in names]
+        comps = self.cfg.components()
+        chosen = {n for n, c in comps.items() if c.tier is Tier.HOT} | set(include) | {API_COMPONENT}
+        return [n for n in known if n in chosen]
+
+    def component_names(self) -> list[str]:
+        """Servers and services in config order, then the front door when it is enabled."""
+        return [*self.cfg.components(), *([API_COMPONENT] if self.cfg.api.enabled else [])]
 
     def specs(self, names: Iterable[str]) -> list[InstanceSpec]:
         return plan_instances(self.cfg, names, self.store.dir, self.binary)
@@ -145,6 +155,7 @@ class Stack:
         started: list[InstanceRecord] = []
         try:
             for batch, cooldown_s in _batches(to_launch):
+                # The front door adopts what is running, so it starts once the models are up.
                 launched = [self._launch(spec) for spec in batch]
                 started.extend(launched)
                 waiters = [self._waiter_for_launch(spec, rec) for spec, rec in zip(batch, launched, strict=True)]
@@ -152,6 +163,8 @@ class Stack:
                 for w, spec in zip(waiters, batch, strict=True):
                     report.ready_s[spec.name] = w.elapsed_s
                     report.started.append(spec.name)
+                for spec, rec in zip(batch, launched, strict=True):
+                    memory.record_ready(self.cfg, spec, rec, self.store)
                 if cooldown_s:
                     self.say(f"cooling down {cooldown_s:g} s after {batch[0].name}")
                     time.sleep(cooldown_s)
@@ -255,7 +268,7 @@ class Stack:
                 chosen = list(records.values())
             else:
                 wanted = list(names)
-                known = {r.component for r in records.values()} | set(self.cfg.components())
+                known = {r.component for r in records.values()} | set(self.component_names())
                 for n in wanted:
                     if n not in known:
                         raise UsageError(f"'{n}' is not a component of this stack; known: {', '.join(sorted(known))}")
@@ -267,6 +280,7 @@ class Stack:
     def _stop_records(self, records: list[InstanceRecord]) -> None:
         """SIGTERM each process group, one shared deadline, then SIGKILL, then reap."""
         live = [(r, p) for r in records if (p := r.process()) is not None]
+        self._mark_stopping([r for r, _ in live])
         for _, proc in live:
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_grace_s
@@ -280,6 +294,53 @@ class Stack:
             _signal_group(proc, signal.SIGKILL, leftovers_only=True)
             self._procs.pop(proc.pid, None)
             self.say(f"{rec.name} (pid {proc.pid}, :{rec.port}) stopped")
+
+    def _mark_stopping(self, records: list[InstanceRecord]) -> None:
+        """Flag records before signalling, so a watcher never mistakes this exit for a crash."""
+        if not records:
+            return
+        current = self.store.read()
+        for rec in records:
+            rec.stopping = True
+            current[f"server_{rec.port}"] = rec
+        self.store.write(current)
+
+    def stop_instances(self, keys: Iterable[str]) -> list[str]:
+        """Stop single instances by state key (``server_8102``); used to stop one replica."""
+        with self.store.lock():
+            records = self.store.read()
+            chosen = [records[k] for k in keys if k in records]
+            self._stop_records(chosen)
+            self.store.remove([f"server_{r.port}" for r in chosen])
+            return [r.name for r in chosen]
+
+    def start_instances(self, keys: Iterable[str]) -> StartReport:
+        """Start single instances by state key, whatever their component's other replicas do."""
+        wanted = set(keys)
+        specs = [s for s in self.specs(self.component_names()) if s.key in wanted]
+        with self.store.lock():
+            return self._start_locked(specs)
+
+    def restart_crashed(self, key: str) -> bool:
+        """Restart one instance whose process died, if it is still recorded and not being stopped.
+
+        Checked under the lock: a CLI ``stop`` that raced with the crash wins.
+        """
+        with self.store.lock():
+            rec = self.store.read().get(key)
+            if rec is None or rec.stopping or rec.process() is not None:
+                return False
+            specs = [s for s in self.specs([rec.component]) if s.key == key]
+            if not specs:
+                return False
+            self._start_locked(specs)
+            return True
+
+    def reap(self) -> None:
+        """Collect exit statuses of children this process started, so none stays a zombie."""
+        for pid, popen in list(self._procs.items()):
+            if popen.poll() is not None:
+                del self._procs[pid]
 
     def _gone(self, proc: psutil.Process, deadline: float) -> bool:
         popen = self._procs.get(proc.pid)
@@ -304,9 +365,9 @@ class Stack:
 
     def reload(self, name: str) -> StartReport:
         """Restart one component with the current config, leaving the others alone."""
-        if name not in self.cfg.components():
+        if name not in self.component_names():
             raise UsageError(
-                f"'{name}' is not a server or service of this stack; known: {', '.join(self.cfg.components())}"
+                f"'{name}' is not a server or service of this stack; known: {', '.join(self.component_names())}"
             )
         specs = self.specs([name])
         with self.store.lock():
@@ -327,6 +388,7 @@ class Stack:
         rows = []
         for rec, proc in zip(records, procs, strict=True):
             st = _classify(next(probes)) if proc is not None else _why_gone(rec)
+            estimate, measured = memory.recorded(rec)
             rows.append(
                 StatusRow(
                     name=rec.name,
@@ -339,6 +401,8 @@ class Stack:
                     roles=list(rec.roles),
                     started_at=rec.started_at,
                     log_file=rec.log_file,
+                    estimate_bytes=estimate,
+                    measured_bytes=measured,
                 )
             )
         if include_stopped:
@@ -347,7 +411,11 @@ class Stack:
 
     def _stopped_rows(self, running_ports: set[int]) -> list[StatusRow]:
         rows = []
-        for spec in self.specs(self.cfg.components()):
+        try:
+            specs = self.specs(self.component_names())
+        except ConfigError:  # a config given as text only: no front door to show
+            specs = self.specs(self.cfg.components())
+        for spec in specs:
             if spec.port in running_ports:
                 continue
             rows.append(
@@ -360,16 +428,18 @@ class Stack:
                     model=_model_label(spec.model_path, list(spec.argv)),
                     tier=spec.tier.value,
                     roles=list(spec.roles),
+                    estimate_bytes=memory.estimate_bytes(self.cfg, spec.component),
                 )
             )
         return rows
 
 
 def _batches(specs: list[InstanceSpec]) -> list[tuple[list[InstanceSpec], float]]:
-    """Small instances start together; each large one alone, followed by its cooldown."""
+    """Small instances start together; each large one alone, followed by its cooldown; the front door last."""
     out: list[tuple[list[InstanceSpec], float]] = []
     small: list[InstanceSpec] = []
-    for spec in specs:
+    last = [s for s in specs if s.kind == "api"]
+    for spec in (s for s in specs if s.kind != "api"):
         if spec.large:
             if small:
                 out.append((small, 0.0))
@@ -379,6 +449,8 @@ def _batches(specs: list[InstanceSpec]) -> list[tuple[list[InstanceSpec], float]
             small.append(spec)
     if small:
         out.append((small, max((s.cooldown_s for s in small), default=0.0)))
+    if last:
+        out.append((last, 0.0))
     return out
 
 
@@ -394,6 +466,8 @@ def _why_gone(rec: InstanceRecord) -> Status:
 
 
 def _model_label(model_path: str | None, argv: list[str]) -> str:
+    if argv[1:3] == ["-m", "modelfleet.api"]:
+        return "uvicorn"
     if model_path:
         name = Path(model_path).name
         return name[:-5] if name.endswith(".gguf") else name
@@ -430,6 +504,9 @@ def port_conflict(host: str, port: int) -> str | None:
     """None if the port can be bound, else a sentence naming the process that holds it."""
     bind_host = "127.0.0.1" if host in ("localhost", "") else host
     with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as s:
+        # As llama-server's own listener does: connections it closed linger in TIME-WAIT for a
+        # minute and must not block a restart on the same port; a live listener still does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((bind_host, port))
             return None

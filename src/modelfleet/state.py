@@ -52,6 +52,7 @@ class InstanceRecord:
     create_time: float = 0.0
     argv: list[str] = field(default_factory=list)
     health_path: str = "/health"
+    stopping: bool = False  # set before a stop signals it: its exit is not a crash
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -24,6 +24,12 @@ U+FFFD soup, and ``</s>`` is never produced, so every request generates exactly
 ``n_predict`` / ``max_tokens`` tokens. ``printable=False`` gives plain random
 weights (any byte, and an occasional early ``</s>``).
 
+With ``TinyShape(arch="gemma3", sliding_window=N)`` the file is a ``gemma3`` model
+instead (the same tensors plus gemma3's Q/K norms and post-norms), whose layers
+follow llama.cpp's gemma3 pattern: five sliding-window layers, then one full layer.
+llama-server then builds a separate, smaller KV cache for the sliding-window layers,
+which is what the memory tests need. Its replies are gibberish too.
+
 Generation is a pure function of the arguments: the same ``(shape, seed, name,
 f16, printable)`` produce a byte-identical file.
 """
@@ -35,7 +41,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gguf
 import numpy as np
@@ -82,7 +88,8 @@ class TinyShape:
     """Hyper-parameters of a tiny llama model.
 
     ``n_head_kv < n_head`` gives a grouped-query-attention model; ``head_dim``
-    overrides the per-head size (default ``n_embd // n_head``).
+    overrides the per-head size (default ``n_embd // n_head``). ``arch="gemma3"``
+    with ``sliding_window`` gives a sliding-window model (see the module docstring).
     """
 
     n_layer: int = 2
@@ -92,6 +99,8 @@ class TinyShape:
     n_ff: int = 128
     n_ctx_train: int = 2048
     head_dim: int | None = None
+    arch: Literal["llama", "gemma3"] = "llama"
+    sliding_window: int | None = None
 
     @property
     def head_size(self) -> int:
@@ -116,6 +125,10 @@ class TinyShape:
             raise ValueError(f"head size must be even for RoPE, got {self.head_size}")
         if self.n_head % self.n_head_kv != 0:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_head_kv ({self.n_head_kv})")
+        if self.arch not in ("llama", "gemma3"):
+            raise ValueError(f"TinyShape.arch must be 'llama' or 'gemma3', got {self.arch!r}")
+        if self.sliding_window is not None and (self.arch != "gemma3" or self.sliding_window <= 0):
+            raise ValueError("TinyShape.sliding_window must be a positive int, and needs arch='gemma3'")
 
 
 def _tensors(
@@ -156,6 +169,13 @@ def _tensors(
             (p + "ffn_down.weight", mat(shape.n_embd, shape.n_ff)),
             (p + "ffn_up.weight", mat(shape.n_ff, shape.n_embd)),
         ]
+        if shape.arch == "gemma3":
+            out += [
+                (p + "attn_q_norm.weight", ones(shape.head_size)),
+                (p + "attn_k_norm.weight", ones(shape.head_size)),
+                (p + "post_attention_norm.weight", ones(shape.n_embd)),
+                (p + "post_ffw_norm.weight", ones(shape.n_embd)),
+            ]
     output = mat(TINY_VOCAB_SIZE, shape.n_embd)
     if printable:
         # Read the bias channel: printable ASCII gets a logit of about
@@ -189,6 +209,8 @@ def _add_metadata(writer: Any, shape: TinyShape, name: str, f16: bool) -> None:
     if shape.head_dim is not None:
         writer.add_key_length(shape.head_size)
         writer.add_value_length(shape.head_size)
+    if shape.sliding_window is not None:
+        writer.add_sliding_window(shape.sliding_window)
 
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
@@ -239,7 +261,7 @@ def write_tiny_llama(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(tmp, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer = gguf.GGUFWriter(tmp, arch=shape.arch)
         try:
             _add_metadata(writer, shape, name, f16)
             for tensor_name, data in _tensors(shape, rng, f16=f16, printable=printable):

@@ -1,0 +1,498 @@
+"""The front door: one OpenAI-compatible address for the whole fleet.
+
+Clients name a role, an alias or a task type (the body's ``model``, or the
+``X-Task-Type`` header); the Router picks an instance of that pool and the request
+is proxied to it unchanged. Responses are forwarded chunk by chunk as they arrive
+(server-sent events included), and a client that goes away closes the upstream
+connection, which makes llama-server cancel the task and free the slot.
+
+Run as a component of a stack: ``python -m modelfleet.api --config FILE --state-dir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from modelfleet import checkpoint, registry
+from modelfleet.config import StackConfig, load_config_file
+from modelfleet.errors import FleetError, NoSuchRole
+from modelfleet.launcher import BinaryInfo, find_llama_server, probe_binary
+from modelfleet.metrics import Metrics
+from modelfleet.pool import Backend, BackendState, NoBackend, Pool, QueueFull, QueueTimeout
+from modelfleet.router import Router
+from modelfleet.stack import Stack
+
+log = logging.getLogger("modelfleet.api")
+
+# Routes proxied to the pool named in the body (or X-Task-Type, or the default role).
+MODEL_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/completion",
+    "/completions",
+    "/embedding",
+    "/embeddings",
+    "/tokenize",
+    "/detokenize",
+    "/rerank",
+    "/v1/rerank",
+    "/infill",
+    "/apply-template",
+)
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+FORWARD_HEADERS = ("content-type", "accept")
+_TOKENS = re.compile(rb'"(?:completion_tokens|predicted_n|tokens_predicted)"\s*:\s*(\d+)')
+RETRY_AFTER_S = {QueueFull: 1, QueueTimeout: 5, NoBackend: 10}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape, saying whether the front door or the backend failed."""
+
+    def __init__(self, status: int, message: str, kind: str, source: str = "frontdoor", retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.source, self.retry_after = status, message, kind, source, retry_after
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "code": self.status, "source": self.source}}
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def _from_fleet_error(exc: FleetError) -> ApiError:
+    kinds = {404: "not_found_error", 429: "rate_limit_error", 503: "unavailable_error", 400: "invalid_request_error"}
+    status = exc.http_status
+    return ApiError(status, str(exc), kinds.get(status, "server_error"), retry_after=RETRY_AFTER_S.get(type(exc)))
+
+
+class FrontDoor:
+    """The ASGI application and what it owns: the Router, the upstream client, the metrics."""
+
+    def __init__(self, cfg: StackConfig, stack: Stack, monitor: bool = True) -> None:
+        self.cfg = cfg
+        self.stack = stack
+        self.run_monitor = monitor
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=cfg.api.request_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self.router = Router(cfg, stack)
+        self.started = time.time()
+        self.metrics = Metrics(self.router)
+        self.app = Starlette(
+            routes=self._routes(),
+            lifespan=self._lifespan,
+            exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
+        )
+
+    def _routes(self) -> list[Route]:
+        routes = [Route(p, self._guard(self.model_route), methods=["POST"]) for p in MODEL_ROUTES]
+        methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+        return [
+            *routes,
+            Route("/v1/models", self._guard(self.models), methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
+            Route("/metrics", self._guard(self.metrics_route), methods=["GET"]),
+            Route("/upstream/{role}/{path:path}", self._guard(self.upstream_route), methods=methods),
+            Route("/admin/status", self._guard(self.admin_status, admin=True), methods=["GET"]),
+            Route("/admin/checkpoints", self._guard(self.checkpoints, admin=True), methods=["GET", "POST"]),
+            Route("/admin/checkpoints/{id}", self._guard(self.checkpoint_one, admin=True), methods=["POST", "DELETE"]),
+            Route("/admin/{action}/{name}", self._guard(self.admin_action, admin=True), methods=["POST"]),
+        ]
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        # aiohttp's client: a fraction of httpx's per-request cost, which matters on the hot path.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, ttl_dns_cache=None)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False)
+        self.router.session = self._session
+        await self.router.adopt()
+        monitor = asyncio.create_task(self.router.monitor()) if self.run_monitor else None
+        log.info("front door ready on %s:%s", self.cfg.api.host, self.cfg.api.port)
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                monitor.cancel()
+                await asyncio.gather(monitor, return_exceptions=True)
+            await self.router.close()
+            await self._session.close()
+
+    # --- access ------------------------------------------------------------------
+
+    def _guard(
+        self, handler: Callable[[Request], Awaitable[Response]], admin: bool = False
+    ) -> Callable[[Request], Awaitable[Response]]:
+        key = (self.cfg.api.admin_key or self.cfg.api.api_key) if admin else self.cfg.api.api_key
+
+        async def guarded(request: Request) -> Response:
+            try:
+                if key is not None and _presented_key(request) != key:
+                    which = "admin key" if admin and self.cfg.api.admin_key else "API key"
+                    raise ApiError(
+                        401, f"missing or wrong {which}; send 'Authorization: Bearer <key>'", "authentication_error"
+                    )
+                return await handler(request)
+            except ApiError as exc:
+                return exc.response()
+            except FleetError as exc:
+                return _from_fleet_error(exc).response()
+
+        return guarded
+
+    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return ApiError(exc.status_code, msg, kind).response()
+
+    # --- proxy routes --------------------------------------------------------------
+
+    async def model_route(self, request: Request) -> Response:
+        body = await self._read_body(request)
+        payload = _parse_json(body)
+        name = request.headers.get("x-task-type") or payload.get("model")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "'model' must be a string naming a role, alias or task type", "invalid_request_error")
+        pool = self._pool(name)
+        stream = payload.get("stream") is True
+        return await self.proxy(request, pool, request.url.path, body, stream)
+
+    async def upstream_route(self, request: Request) -> Response:
+        pool = self._pool(request.path_params["role"])
+        body = await self._read_body(request)
+        path = "/" + request.path_params["path"]
+        return await self.proxy(request, pool, path, body, stream=True)
+
+    def _pool(self, name: str | None) -> Pool:
+        try:
+            return self.router.resolve(name)
+        except NoSuchRole as exc:
+            raise ApiError(404, str(exc), "not_found_error") from exc
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.api.max_body_bytes
+        too_big = ApiError(
+            413, f"request body is larger than {limit} bytes (api.max_body_bytes)", "invalid_request_error"
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def proxy(self, request: Request, pool: Pool, path: str, body: bytes, stream: bool) -> Response:
+        """Send the request to a backend of the pool; retry once elsewhere if it fails before any byte."""
+        assert self._session is not None
+        t0 = time.perf_counter()
+        headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+        url_tail = path + (f"?{request.url.query}" if request.url.query else "")
+        exclude: frozenset[str] = frozenset()
+        for attempt in (1, 2):
+            backend = await self._acquire(pool, exclude)
+            self.metrics.queue_wait.labels(pool.role).observe(time.perf_counter() - t0)
+            try:
+                upstream = await self._session.request(
+                    request.method, backend.url + url_tail, data=body, headers=headers, timeout=self.timeout
+                )
+            except TimeoutError as exc:
+                self.router.release(backend)
+                self.metrics.errors.labels(pool.role, "backend").inc()
+                raise ApiError(504, f"{backend.name} did not answer in time", "timeout_error", "backend") from exc
+            except aiohttp.ClientError as exc:
+                # Refused, or a kept-alive connection the backend had closed: nothing was sent back yet.
+                self.router.release(backend)
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    self.router.report_failure(backend)
+                if attempt == 1:
+                    others = any(b.key != backend.key for b in pool.ready)
+                    exclude = frozenset({backend.key}) if others else frozenset()
+                    continue
+                self.metrics.errors.labels(pool.role, "backend").inc()
+                raise ApiError(
+                    502, f"{backend.name} failed before answering: {exc!r}", "upstream_error", "backend"
+                ) from exc
+            return ProxyResponse(self, pool, backend, upstream, t0, keep_alive=not stream)
+        raise AssertionError("unreachable")
+
+    async def _acquire(self, pool: Pool, exclude: frozenset[str]) -> Backend:
+        try:
+            return await self.router.acquire(pool, exclude)
+        except FleetError as exc:
+            self.metrics.errors.labels(pool.role, "frontdoor").inc()
+            raise _from_fleet_error(exc) from exc
+
+    # --- fleet views ----------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        cfg = self.cfg
+        data = []
+        for name in registry.names(cfg):
+            role = registry.resolve(cfg, name)
+            pool = self.router.pools[role]
+            kind = "role" if name in cfg.roles() else "alias" if name in cfg.aliases else "task_type"
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "owned_by": "modelfleet",
+                    "kind": kind,
+                    "role": role,
+                    "state": _pool_state(pool),
+                    "instances": [
+                        {"name": b.name, "tier": b.tier.value, "state": b.state.value, "port": b.port}
+                        for b in pool.backends
+                    ],
+                }
+            )
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        roles = {role: _pool_state(pool) for role, pool in self.router.pools.items()}
+        hot_roles = {
+            role for role, pool in self.router.pools.items() if any(b.tier.value == "hot" for b in pool.backends)
+        }
+        ok = all(roles[r] == "ready" for r in hot_roles)
+        return JSONResponse({"ready": ok, "roles": roles}, status_code=200 if ok else 503)
+
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def admin_status(self, request: Request) -> Response:
+        return JSONResponse({**self.router.snapshot(), "front_door": {"pid": os.getpid(), "started": self.started}})
+
+    async def admin_action(self, request: Request) -> Response:
+        action, name = request.path_params["action"], request.path_params["name"]
+        if name not in self.cfg.components():
+            known = ", ".join(self.cfg.components())
+            raise ApiError(404, f"'{name}' is not a server or service of this stack; known: {known}", "not_found_error")
+        backends = [b for b in self.router.backends.values() if b.component == name]
+        if action in ("stop", "reload"):
+            running = [b for b in backends if b.state not in (BackendState.STOPPED, BackendState.FAILED)]
+            await asyncio.gather(*(self.router.drain_and_stop(b, f"admin {action}") for b in running))
+        if action in ("start", "reload"):
+            for b in backends:
+                if b.state is BackendState.FAILED:
+                    b.state = BackendState.STOPPED
+            await self.router.ensure_started(name, f"admin {action}")
+        if action not in ("start", "stop", "reload"):
+            raise ApiError(404, f"unknown admin action '{action}'; use start, stop or reload", "not_found_error")
+        states = {b.name: b.state.value for b in backends}
+        return JSONResponse({"component": name, "action": action, "instances": states})
+
+    async def checkpoints(self, request: Request) -> Response:
+        """GET: list; POST {"name", "include_state", "kv"}: create."""
+        if request.method == "GET":
+            found = await asyncio.to_thread(checkpoint.list_checkpoints, self.stack)
+            return JSONResponse({"checkpoints": [dataclasses.asdict(c) for c in found]})
+        payload = _parse_json(await self._read_body(request))
+        name = payload.get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, "give the checkpoint's 'name' (a string)", "invalid_request_error")
+        info = await asyncio.to_thread(
+            checkpoint.create, self.stack, name, bool(payload.get("include_state")), bool(payload.get("kv"))
+        )
+        return JSONResponse(dataclasses.asdict(info), status_code=201)
+
+    async def checkpoint_one(self, request: Request) -> Response:
+        """POST: restore; DELETE: delete. A restore re-executes the front door with the restored config."""
+        checkpoint_id = request.path_params["id"]
+        if request.method == "DELETE":
+            path = await asyncio.to_thread(checkpoint.delete, self.stack, checkpoint_id)
+            return JSONResponse({"deleted": checkpoint_id, "path": str(path)})
+        report = await asyncio.to_thread(checkpoint.restore, self.stack, checkpoint_id)
+        body = report.to_json()
+        if report.config_written:
+            body["front_door"] = "re-executing to apply the restored config"
+            asyncio.get_running_loop().call_later(0.2, _reexec)
+        return JSONResponse(body)
+
+
+def _reexec() -> None:
+    """Replace this process with a fresh front door on the same pid (the state record stays valid).
+
+    Its children (WARM instances it started) stay its children; it adopts everything again.
+    """
+    log.info("re-executing the front door to apply a new config")
+    os.execv(sys.executable, [sys.executable, "-m", "modelfleet.api", *sys.argv[1:]])
+
+
+class ProxyResponse(Response):
+    """Streams an upstream response to the client chunk by chunk; frees the slot at the end.
+
+    If the client disconnects, the upstream stream is closed at once: llama-server sees
+    the closed connection, cancels the generation and frees its slot.
+    """
+
+    def __init__(
+        self,
+        door: FrontDoor,
+        pool: Pool,
+        backend: Backend,
+        upstream: aiohttp.ClientResponse,
+        t0: float,
+        keep_alive: bool,
+    ) -> None:
+        self.door, self.pool, self.backend, self.upstream, self.t0 = door, pool, backend, upstream, t0
+        # llama-server closes the connection after a stream while advertising keep-alive:
+        # such a connection is never put back in the pool.
+        self.keep_alive = keep_alive
+        self.status_code = upstream.status
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        me = asyncio.current_task()
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if me is not None:
+                me.cancel()
+
+        watcher = asyncio.create_task(watch())
+        tail = b""
+        complete = False
+        try:
+            headers = [(k.lower(), v) for k, v in self.upstream.raw_headers if k.lower() not in HOP_BY_HOP]
+            await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+            first = True
+            async for chunk in self.upstream.content.iter_any():
+                if first:
+                    self._observe(self.door.metrics.ttft)
+                    first = False
+                tail = (tail + chunk)[-4096:]
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            complete = True
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            log.info("client left %s on %s; upstream request cancelled", self.pool.role, self.backend.name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("%s broke off mid-response: %r", self.backend.name, exc)
+            self.door.metrics.errors.labels(self.pool.role, "backend").inc()
+        finally:
+            watcher.cancel()
+            if complete and self.keep_alive:
+                self.upstream.release()
+            else:
+                self.upstream.close()  # closing the connection makes llama-server cancel the task
+            self.door.router.release(self.backend)
+            self._record(tail, cancelled=gone.is_set())
+
+    def _observe(self, hist: Any) -> None:
+        hist.labels(self.pool.role, self.backend.name).observe(time.perf_counter() - self.t0)
+
+    def _record(self, tail: bytes, cancelled: bool) -> None:
+        m = self.door.metrics
+        code = "499" if cancelled else str(self.status_code)
+        m.requests.labels(self.pool.role, self.backend.name, code).inc()
+        self._observe(m.latency)
+        if self.status_code >= 500:
+            m.errors.labels(self.pool.role, "backend").inc()
+        found = _TOKENS.findall(tail)
+        if found:
+            m.tokens.labels(self.pool.role, self.backend.name).inc(int(found[-1]))
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        return auth[7:].strip() if auth.lower().startswith("bearer ") else auth.strip()
+    return request.headers.get("x-api-key")
+
+
+def _parse_json(body: bytes) -> Mapping[str, Any]:
+    try:
+        payload = json.loads(body) if body else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_request_error") from exc
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object", "invalid_request_error")
+    return payload
+
+
+def _pool_state(pool: Pool) -> str:
+    if pool.ready:
+        return "ready"
+    states = {b.state for b in pool.backends}
+    for state in (BackendState.STARTING, BackendState.UNHEALTHY, BackendState.DRAINING, BackendState.FAILED):
+        if state in states:
+            return state.value
+    return "stopped"
+
+
+def create_app(cfg: StackConfig, stack: Stack, monitor: bool = True) -> Starlette:
+    return FrontDoor(cfg, stack, monitor).app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modelfleet.api", description=__doc__)
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--state-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cfg = load_config_file(args.config)
+        binary: BinaryInfo | None = probe_binary(find_llama_server(cfg)) if cfg.servers else None
+    except FleetError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    stack = Stack(cfg, args.state_dir, binary, say=log.info, stop_grace_s=cfg.api.stop_grace_s)
+    app = create_app(cfg, stack)
+    uvicorn.run(
+        app,
+        host=cfg.api.host,
+        port=cfg.api.port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=int(cfg.api.drain_timeout_s) or None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
