@@ -62,6 +62,7 @@ MODEL_ROUTES = (
     "/infill",
     "/apply-template",
 )
+MODEL_ROUTE_SET = frozenset(MODEL_ROUTES)
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -76,7 +77,18 @@ HOP_BY_HOP = frozenset(
 )
 FORWARD_HEADERS = ("content-type", "accept")
 _TOKENS = re.compile(rb'"(?:completion_tokens|predicted_n|tokens_predicted)"\s*:\s*(\d+)')
+BAD_KEY = "missing or wrong {which}; send 'Authorization: Bearer <key>'"
 RETRY_AFTER_S = {QueueFull: 1, QueueTimeout: 5, NoBackend: 10}
+
+
+@dataclasses.dataclass(frozen=True)
+class Incoming:
+    """What the proxy needs of a client request, however it arrived (Starlette or the fast path)."""
+
+    method: str
+    query: str
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
 
 
 class ApiError(Exception):
@@ -159,11 +171,9 @@ class FrontDoor:
 
         async def guarded(request: Request) -> Response:
             try:
-                if key is not None and _presented_key(request) != key:
+                if key is not None and _presented_key(request.headers) != key:
                     which = "admin key" if admin and self.cfg.api.admin_key else "API key"
-                    raise ApiError(
-                        401, f"missing or wrong {which}; send 'Authorization: Bearer <key>'", "authentication_error"
-                    )
+                    raise ApiError(401, BAD_KEY.format(which=which), "authentication_error")
                 return await handler(request)
             except ApiError as exc:
                 return exc.response()
@@ -179,21 +189,46 @@ class FrontDoor:
 
     # --- proxy routes --------------------------------------------------------------
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry. The model routes take a fast path around Starlette's routing and
+        middleware: they are the hot path, and on a small machine every layer shows."""
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in MODEL_ROUTE_SET:
+            response = await self._fast_model_route(scope, receive)
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _fast_model_route(self, scope: Scope, receive: Receive) -> Response:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        key = self.cfg.api.api_key
+        try:
+            if key is not None and _presented_key(headers) != key:
+                raise ApiError(401, BAD_KEY.format(which="API key"), "authentication_error")
+            body = await self._read_raw_body(headers, receive)
+            incoming = Incoming("POST", scope["query_string"].decode("latin-1"), headers, body)
+            return await self._model(incoming, scope["path"])
+        except ApiError as exc:
+            return exc.response()
+        except FleetError as exc:
+            return _from_fleet_error(exc).response()
+
     async def model_route(self, request: Request) -> Response:
         body = await self._read_body(request)
-        payload = _parse_json(body)
-        name = request.headers.get("x-task-type") or payload.get("model")
+        return await self._model(_incoming(request, body), request.url.path)
+
+    async def _model(self, incoming: Incoming, path: str) -> Response:
+        payload = _parse_json(incoming.body)
+        name = incoming.headers.get("x-task-type") or payload.get("model")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "'model' must be a string naming a role, alias or task type", "invalid_request_error")
         pool = self._pool(name)
-        stream = payload.get("stream") is True
-        return await self.proxy(request, pool, request.url.path, body, stream)
+        return await self.proxy(incoming, pool, path, stream=payload.get("stream") is True)
 
     async def upstream_route(self, request: Request) -> Response:
         pool = self._pool(request.path_params["role"])
         body = await self._read_body(request)
         path = "/" + request.path_params["path"]
-        return await self.proxy(request, pool, path, body, stream=True)
+        return await self.proxy(_incoming(request, body), pool, path, stream=True)
 
     def _pool(self, name: str | None) -> Pool:
         try:
@@ -201,35 +236,52 @@ class FrontDoor:
         except NoSuchRole as exc:
             raise ApiError(404, str(exc), "not_found_error") from exc
 
-    async def _read_body(self, request: Request) -> bytes:
+    def _too_big(self) -> ApiError:
         limit = self.cfg.api.max_body_bytes
-        too_big = ApiError(
-            413, f"request body is larger than {limit} bytes (api.max_body_bytes)", "invalid_request_error"
-        )
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_big
+        return ApiError(413, f"request body is larger than {limit} bytes (api.max_body_bytes)", "invalid_request_error")
+
+    def _check_declared(self, declared: str | None) -> None:
+        if declared is not None and declared.isdigit() and int(declared) > self.cfg.api.max_body_bytes:
+            raise self._too_big()
+
+    async def _read_body(self, request: Request) -> bytes:
+        self._check_declared(request.headers.get("content-length"))
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise too_big
+            if size > self.cfg.api.max_body_bytes:
+                raise self._too_big()
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def proxy(self, request: Request, pool: Pool, path: str, body: bytes, stream: bool) -> Response:
+    async def _read_raw_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+        self._check_declared(headers.get("content-length"))
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(499, "the client went away", "invalid_request_error")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.cfg.api.max_body_bytes:
+                raise self._too_big()
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def proxy(self, incoming: Incoming, pool: Pool, path: str, stream: bool) -> Response:
         """Send the request to a backend of the pool; retry once elsewhere if it fails before any byte."""
         assert self._session is not None
         t0 = time.perf_counter()
-        headers = {k: v for k in FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
-        url_tail = path + (f"?{request.url.query}" if request.url.query else "")
+        headers = {k: v for k in FORWARD_HEADERS if (v := incoming.headers.get(k)) is not None}
+        url_tail = path + (f"?{incoming.query}" if incoming.query else "")
         exclude: frozenset[str] = frozenset()
         for attempt in (1, 2):
             backend = await self._acquire(pool, exclude)
-            self.metrics.queue_wait.labels(pool.role).observe(time.perf_counter() - t0)
+            self.metrics.child(self.metrics.queue_wait, pool.role).observe(time.perf_counter() - t0)
             try:
                 upstream = await self._session.request(
-                    request.method, backend.url + url_tail, data=body, headers=headers, timeout=self.timeout
+                    incoming.method, backend.url + url_tail, data=incoming.body, headers=headers, timeout=self.timeout
                 )
             except TimeoutError as exc:
                 self.router.release(backend)
@@ -422,25 +474,29 @@ class ProxyResponse(Response):
             self._record(tail, cancelled=gone.is_set())
 
     def _observe(self, hist: Any) -> None:
-        hist.labels(self.pool.role, self.backend.name).observe(time.perf_counter() - self.t0)
+        self.door.metrics.child(hist, self.pool.role, self.backend.name).observe(time.perf_counter() - self.t0)
 
     def _record(self, tail: bytes, cancelled: bool) -> None:
         m = self.door.metrics
         code = "499" if cancelled else str(self.status_code)
-        m.requests.labels(self.pool.role, self.backend.name, code).inc()
+        m.child(m.requests, self.pool.role, self.backend.name, code).inc()
         self._observe(m.latency)
         if self.status_code >= 500:
             m.errors.labels(self.pool.role, "backend").inc()
         found = _TOKENS.findall(tail)
         if found:
-            m.tokens.labels(self.pool.role, self.backend.name).inc(int(found[-1]))
+            m.child(m.tokens, self.pool.role, self.backend.name).inc(int(found[-1]))
 
 
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
+def _presented_key(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("authorization")
     if auth:
         return auth[7:].strip() if auth.lower().startswith("bearer ") else auth.strip()
-    return request.headers.get("x-api-key")
+    return headers.get("x-api-key")
+
+
+def _incoming(request: Request, body: bytes) -> Incoming:
+    return Incoming(request.method, request.url.query, request.headers, body)
 
 
 def _parse_json(body: bytes) -> Mapping[str, Any]:
@@ -463,8 +519,9 @@ def _pool_state(pool: Pool) -> str:
     return "stopped"
 
 
-def create_app(cfg: StackConfig, stack: Stack, monitor: bool = True) -> Starlette:
-    return FrontDoor(cfg, stack, monitor).app
+def create_app(cfg: StackConfig, stack: Stack, monitor: bool = True) -> FrontDoor:
+    """The ASGI application (its lifespan is Starlette's, behind the fast path)."""
+    return FrontDoor(cfg, stack, monitor)
 
 
 def main(argv: list[str] | None = None) -> int:
