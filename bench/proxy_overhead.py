@@ -1,7 +1,7 @@
 """What the front door adds over calling llama-server directly, and how llama-server's
 own router mode compares, measured in one run on the same binary and model.
 
-    .venv/bin/python bench/proxy_overhead.py [--model PATH] [--seconds 8] [--rounds 3]
+    .venv/bin/python bench/proxy_overhead.py [--model PATH | --tiny] [--seconds 8] [--rounds 3] [--out DIR]
 
 For each target (direct llama-server, modelfleet's front door in front of that same
 server, llama-server router mode with a one-model preset) it measures:
@@ -45,6 +45,7 @@ from modelfleet import provision
 from modelfleet.config import load_config_file
 from modelfleet.launcher import find_llama_server, probe_binary
 from modelfleet.stack import Stack
+from modelfleet.tinymodel import write_tiny_llama
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = [{"role": "user", "content": "Say hi."}]
@@ -328,15 +329,18 @@ def render(res: dict[str, Any], summary: dict[str, Any], meta: dict[str, Any]) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="GGUF to serve (default: the dev model)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="serve a generated tiny model: the backend costs ~2 ms, the path shows"
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    model = args.model or provision.ensure_dev_model()
     with tempfile.TemporaryDirectory(prefix="mf-bench-") as tmp:
         work = Path(tmp)
+        model = args.model or (write_tiny_llama(work / "tiny.gguf") if args.tiny else provision.ensure_dev_model())
         with (
             modelfleet_stack(model, args.parallel, args.threads, work) as (direct, door),
             router_mode(model, args.parallel, args.threads, work) as router,
