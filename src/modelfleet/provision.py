@@ -244,7 +244,15 @@ def _unpack_llama_cpp(sdist: Path, dest: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+# Ninja prints "[12/208] Building ...", make prints "[ 45%] Building ...".
+_STEP = re.compile(r"^\[(?:(\d+)/(\d+)|\s*(\d+)%)\]")
+
+
+def _progress(line: str) -> str | None:
+    m = _STEP.match(line)
+    if m is None:
+        return None
+    return f"step {m.group(1)}/{m.group(2)}" if m.group(1) else f"{m.group(3)}%"
 
 
 def _run(argv: list[str], say: Say, progress: bool = False) -> None:
@@ -255,10 +263,10 @@ def _run(argv: list[str], say: Say, progress: bool = False) -> None:
     start = time.monotonic()
     for line in proc.stdout:
         tail = ([*tail, line.rstrip()])[-30:]
-        m = _NINJA_STEP.match(line)
+        where = _progress(line) if progress else None
         now = time.monotonic()
-        if progress and m and now - last > 10:
-            say(f"  step {m.group(1)}/{m.group(2)} after {now - start:.0f} s")
+        if where and now - last > 10:
+            say(f"  {where} after {now - start:.0f} s")
             last = now
     if proc.wait() != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} failed (exit {proc.returncode}):\n" + "\n".join(tail))

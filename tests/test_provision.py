@@ -1,0 +1,78 @@
+"""Setup: where the binary and the dev model are cached, how the build is configured."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from modelfleet import provision
+from modelfleet.config import load_config
+from modelfleet.errors import BinaryError
+from modelfleet.launcher import find_llama_server
+
+AMX_CPU = (
+    "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma f16c bmi2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16\n"
+)
+
+
+def test_cpu_flags_follow_cpuinfo_and_never_enable_amx() -> None:
+    flags = provision.cpu_flags(AMX_CPU)
+    assert "-DGGML_NATIVE=OFF" in flags
+    assert {"-DGGML_AVX2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_FMA=ON"} <= set(flags)
+    assert {"-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF"} <= set(flags)  # not in this cpuinfo
+    # VMs advertise AMX without granting the tile state: llama-server died with SIGILL on it.
+    assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(flags)
+
+
+def test_cpu_flags_leave_other_architectures_native() -> None:
+    assert provision.cpu_flags("processor\t: 0\nFeatures\t: fp asimd\n") == []
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [("[12/208] Building CXX object x.o", "step 12/208"), ("[ 45%] Building CXX object y.o", "45%"), ("-- ok", None)],
+)
+def test_build_progress_from_ninja_and_make(line: str, shown: str | None) -> None:
+    assert provision._progress(line) == shown
+
+
+def test_cache_dir_is_overridable_and_versioned(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MODELFLEET_CACHE_DIR", str(tmp_path))
+    binary = provision.cached_llama_server()
+    assert binary.parent.parent.parent == tmp_path
+    assert provision.LLAMA_CPP_VERSION in str(binary) and provision.BUILD_RECIPE in str(binary)
+    assert provision.cached_dev_model() == tmp_path / "models" / provision.DEV_MODEL_NAME
+
+
+def _fake_binary(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def test_binary_lookup_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MODELFLEET_CACHE_DIR", str(cache))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.delenv("MODELFLEET_LLAMA_SERVER", raising=False)
+    with pytest.raises(BinaryError, match="modelfleet setup"):
+        find_llama_server()
+    cached = _fake_binary(provision.cached_llama_server())
+    assert find_llama_server() == cached
+    on_path = _fake_binary(tmp_path / "bin" / "llama-server")
+    assert find_llama_server() == on_path
+    env = _fake_binary(tmp_path / "env" / "llama-server")
+    monkeypatch.setenv("MODELFLEET_LLAMA_SERVER", str(env))
+    assert find_llama_server() == env
+    named = _fake_binary(tmp_path / "cfg" / "llama-server")
+    cfg = load_config(f"llama_server: {named}\n")
+    assert find_llama_server(cfg) == named
+    # An explicit choice that does not exist is an error, never a silent fall-through.
+    cfg = load_config(f"llama_server: {tmp_path / 'missing'}\n")
+    with pytest.raises(BinaryError, match="config 'llama_server' does not exist"):
+        find_llama_server(cfg)
+    assert os.environ["PATH"] == str(tmp_path / "bin")
