@@ -161,3 +161,23 @@ def test_bad_arguments_get_clear_errors(
     )
     assert res.returncode == code, (res.stdout, res.stderr)
     assert fragment in res.stderr
+
+
+def test_dev_stack_config_comes_from_a_file_the_front_door_can_load_but_nothing_writes() -> None:
+    """Regression: `start --dev` failed with "the front door needs the stack file on disk"."""
+    from modelfleet.cli import load_dev_config
+    from modelfleet.config import load_config_file
+    from modelfleet.launcher import api_spec
+
+    cfg = load_dev_config()
+    assert cfg.source is not None and Path(cfg.source).is_file()
+    spec = api_spec(cfg, Path("/tmp/state"))
+    assert spec.argv[-4:] == ("--config", cfg.source, "--state-dir", "/tmp/state")
+    # The package's own file is never a target of restore or `sweep --apply`, however it is loaded.
+    assert cfg.writable_source() is None
+    assert load_config_file(cfg.source).writable_source() is None
+
+
+def test_sweep_apply_refuses_the_builtin_dev_stack(tmp_path: Path) -> None:
+    res = run("sweep", "smollm2", "--dev", "--apply", "--state-dir", str(tmp_path / "s"))
+    assert res.returncode == 2 and "--apply writes the stack file" in res.stderr

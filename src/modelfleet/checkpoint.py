@@ -388,8 +388,9 @@ def restore(stack: Stack, checkpoint_id: str, run_hooks: bool = True) -> Restore
             f"checkpoint {checkpoint_id} is damaged; nothing was changed:\n" + "\n".join(f"  {p}" for p in problems)
         )
     plan = _plan(stack, path, manifest)
-    report = RestoreReport(checkpoint_id, stack.cfg.source, _write_config(stack.cfg.source, plan.text))
-    if stack.cfg.source is None:
+    writable = stack.cfg.writable_source()
+    report = RestoreReport(checkpoint_id, writable, _write_config(writable, plan.text))
+    if writable is None:
         report.notes.append("the stack has no config file (--dev): the checkpoint's config was used, not written")
     if manifest.get("include_state"):
         report.notes.append(

@@ -57,14 +57,25 @@ def load_stack_config(config_path: Path | None, dev: bool) -> StackConfig:
     if dev and config_path:
         raise UsageError("give --dev or --config, not both")
     if dev:
-        text = resources.files("modelfleet").joinpath("data/dev.yaml").read_text()
-        return load_config(text, None).model_copy(update={"source": None})
+        return load_dev_config()
     path = config_path or (Path(os.environ[ENV_CONFIG]) if os.environ.get(ENV_CONFIG) else None)
     if path is None and Path("modelfleet.yaml").is_file():
         path = Path("modelfleet.yaml")
     if path is None:
         raise UsageError(f"no stack file: pass --config FILE, set ${ENV_CONFIG}, or use --dev for the dev stack")
     return load_config_file(path)
+
+
+def load_dev_config() -> StackConfig:
+    """The built-in dev stack, read from the installed package's file.
+
+    It must come from a file on disk: the front door is started with ``--config`` that file.
+    """
+    ref = resources.files("modelfleet").joinpath("data/dev.yaml")
+    path = Path(str(ref))
+    if path.is_file():
+        return load_config_file(path)
+    return load_config(ref.read_text(), None)  # a zipped install: no front door for the dev stack
 
 
 def resolve_state_dir(cfg: StackConfig, cli_value: Path | None) -> Path:
@@ -230,7 +241,9 @@ def start(
     if not report.started and stack.cfg.effective_hooks():
         err.print("nothing started, so hooks were not rerun; `modelfleet hooks run` reruns them", style="dim")
     _say_hooks(hooks.run_start_hooks(stack, report))
-    _print_status(stack.status(), as_json, hooks.read_results(stack.store.dir))
+    rows = stack.status()
+    _merge_front_door_view(stack, rows)
+    _print_status(rows, as_json, hooks.read_results(stack.store.dir))
 
 
 def _check_memory(stack: Stack, chosen: list[str], ignore: bool) -> None:
@@ -422,7 +435,7 @@ def sweep(
 ) -> None:
     """Measure SERVER at several slot counts and recommend (or --apply) its `parallel`."""
     stack = make_stack(config_path, dev, state_dir, need_binary=True)
-    if apply_ and stack.cfg.source is None:
+    if apply_ and stack.cfg.writable_source() is None:
         raise UsageError("--apply writes the stack file, and the built-in dev stack has none; pass --config FILE")
     prompts = bench.read_prompts(prompt_file) if prompt_file else bench.DEFAULT_PROMPTS
     plan = bench.SweepPlan(

@@ -23,6 +23,7 @@ from modelfleet.errors import ConfigError
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 BUILTIN_DEV_MODEL = "builtin:smollm2-135m-instruct"
 API_COMPONENT = "orchestrator"
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
@@ -291,6 +292,12 @@ class StackConfig(Strict):
 
     # Where the file was read from; relative paths resolve against its folder.
     source: str | None = Field(default=None, exclude=True)
+    # The built-in dev stack: read from the package's own file, which is never written.
+    builtin: bool = Field(default=False, exclude=True)
+
+    def writable_source(self) -> str | None:
+        """The stack file that restore and `sweep --apply` may write, if any."""
+        return None if self.builtin else self.source
 
     @model_validator(mode="after")
     def _cross_rules(self) -> StackConfig:
@@ -457,8 +464,9 @@ def load_config(text: str, source: str | None = None) -> StackConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys (servers:, services:, ...)")
-    if "source" in data:
-        raise ConfigError(f"{where}: source: unknown key")
+    for internal in ("source", "builtin"):
+        if internal in data:
+            raise ConfigError(f"{where}: {internal}: unknown key")
     try:
         return StackConfig.model_validate({**data, "source": source})
     except ValidationError as exc:
@@ -472,7 +480,10 @@ def load_config_file(path: str | os.PathLike[str]) -> StackConfig:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
-    return load_config(text, str(p.resolve()))
+    cfg = load_config(text, str(p.resolve()))
+    if p.resolve().parent == PACKAGE_DATA:  # the built-in dev stack, wherever it is loaded from
+        cfg = cfg.model_copy(update={"builtin": True})
+    return cfg
 
 
 def _format(where: str, exc: ValidationError) -> str:
