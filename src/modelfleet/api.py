@@ -48,22 +48,23 @@ from modelfleet.stack import Stack
 log = logging.getLogger("modelfleet.api")
 
 # Routes proxied to the pool named in the body (or X-Task-Type, or the default role).
-MODEL_ROUTES = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/completion",
-    "/completions",
-    "/embedding",
-    "/embeddings",
-    "/tokenize",
-    "/detokenize",
-    "/rerank",
-    "/v1/rerank",
-    "/infill",
-    "/apply-template",
+MODEL_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/completion",
+        "/completions",
+        "/embedding",
+        "/embeddings",
+        "/tokenize",
+        "/detokenize",
+        "/rerank",
+        "/v1/rerank",
+        "/infill",
+        "/apply-template",
+    }
 )
-MODEL_ROUTE_SET = frozenset(MODEL_ROUTES)
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -95,14 +96,24 @@ class Incoming:
 class ApiError(Exception):
     """An error answered in OpenAI's shape, saying whether the front door or the backend failed."""
 
-    def __init__(self, status: int, message: str, kind: str, source: str = "frontdoor", retry_after: int | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        source: str = "frontdoor",
+        retry_after: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.source, self.retry_after = status, message, kind, source, retry_after
+        self.status, self.message, self.kind, self.source = status, message, kind, source
+        self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(retry_after)
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "code": self.status, "source": self.source}}
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(body, status_code=self.status, headers=self.headers or None)
 
 
 def _from_fleet_error(exc: FleetError) -> ApiError:
@@ -131,10 +142,8 @@ class FrontDoor:
         )
 
     def _routes(self) -> list[Route]:
-        routes = [Route(p, self._guard(self.model_route), methods=["POST"]) for p in MODEL_ROUTES]
         methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
-        return [
-            *routes,
+        return [  # the model routes are served by __call__, ahead of these
             Route("/v1/models", self._guard(self.models), methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
@@ -174,13 +183,9 @@ class FrontDoor:
     def _guard(
         self, handler: Callable[[Request], Awaitable[Response]], admin: bool = False
     ) -> Callable[[Request], Awaitable[Response]]:
-        key = (self.cfg.api.admin_key or self.cfg.api.api_key) if admin else self.cfg.api.api_key
-
         async def guarded(request: Request) -> Response:
             try:
-                if key is not None and _presented_key(request.headers) != key:
-                    which = "admin key" if admin and self.cfg.api.admin_key else "API key"
-                    raise ApiError(401, BAD_KEY.format(which=which), "authentication_error")
+                self._check_key(request.headers, admin)
                 return await handler(request)
             except ApiError as exc:
                 return exc.response()
@@ -189,39 +194,44 @@ class FrontDoor:
 
         return guarded
 
+    def _check_key(self, headers: Mapping[str, str], admin: bool) -> None:
+        """Client routes need the API key, admin routes the admin key (else the API key), when set."""
+        api = self.cfg.api
+        key = (api.admin_key or api.api_key) if admin else api.api_key
+        if key is not None and _presented_key(headers) != key:
+            which = "admin key" if admin and api.admin_key else "API key"
+            raise ApiError(401, BAD_KEY.format(which=which), "authentication_error")
+
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         msg = f"{request.method} {request.url.path}: {exc.detail}"
-        return ApiError(exc.status_code, msg, kind).response()
+        return ApiError(exc.status_code, msg, kind, headers=exc.headers).response()
 
     # --- proxy routes --------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry. The model routes take a fast path around Starlette's routing and
         middleware: they are the hot path, and on a small machine every layer shows."""
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in MODEL_ROUTE_SET:
-            response = await self._fast_model_route(scope, receive)
+        if scope["type"] == "http" and scope["path"] in MODEL_ROUTES:
+            response = await self._model_route(scope, receive)
             await response(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
-    async def _fast_model_route(self, scope: Scope, receive: Receive) -> Response:
+    async def _model_route(self, scope: Scope, receive: Receive) -> Response:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        key = self.cfg.api.api_key
         try:
-            if key is not None and _presented_key(headers) != key:
-                raise ApiError(401, BAD_KEY.format(which="API key"), "authentication_error")
-            body = await self._read_raw_body(headers, receive)
+            if scope["method"] != "POST":
+                msg = f"{scope['method']} {scope['path']}: Method Not Allowed"
+                raise ApiError(405, msg, "invalid_request_error", headers={"Allow": "POST"})
+            self._check_key(headers, admin=False)
+            body = await self._read_body(headers, receive)
             incoming = Incoming("POST", scope["query_string"].decode("latin-1"), headers, body)
             return await self._model(incoming, scope["path"])
         except ApiError as exc:
             return exc.response()
         except FleetError as exc:
             return _from_fleet_error(exc).response()
-
-    async def model_route(self, request: Request) -> Response:
-        body = await self._read_body(request)
-        return await self._model(_incoming(request, body), request.url.path)
 
     async def _model(self, incoming: Incoming, path: str) -> Response:
         payload = _parse_json(incoming.body)
@@ -233,7 +243,7 @@ class FrontDoor:
 
     async def upstream_route(self, request: Request) -> Response:
         pool = self._pool(request.path_params["role"])
-        body = await self._read_body(request)
+        body = await self._read_body(request.headers, request.receive)
         path = "/" + request.path_params["path"]
         return await self.proxy(_incoming(request, body), pool, path, stream=True)
 
@@ -251,17 +261,8 @@ class FrontDoor:
         if declared is not None and declared.isdigit() and int(declared) > self.cfg.api.max_body_bytes:
             raise self._too_big()
 
-    async def _read_body(self, request: Request) -> bytes:
-        self._check_declared(request.headers.get("content-length"))
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.cfg.api.max_body_bytes:
-                raise self._too_big()
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _read_raw_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+    async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+        """The whole request body, refused past ``api.max_body_bytes`` (declared or as it arrives)."""
         self._check_declared(headers.get("content-length"))
         chunks, size = [], 0
         while True:
@@ -396,7 +397,7 @@ class FrontDoor:
         if request.method == "GET":
             found = await asyncio.to_thread(checkpoint.list_checkpoints, self.stack)
             return JSONResponse({"checkpoints": [dataclasses.asdict(c) for c in found]})
-        payload = _parse_json(await self._read_body(request))
+        payload = _parse_json(await self._read_body(request.headers, request.receive))
         name = payload.get("name")
         if not isinstance(name, str):
             raise ApiError(400, "give the checkpoint's 'name' (a string)", "invalid_request_error")

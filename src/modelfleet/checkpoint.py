@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -45,7 +44,7 @@ from modelfleet.config import API_COMPONENT, StackConfig, load_config
 from modelfleet.errors import ConfigError, FleetError, UsageError
 from modelfleet.launcher import BinaryInfo, InstanceSpec, find_llama_server, probe_binary
 from modelfleet.stack import Stack
-from modelfleet.state import STATE_FILE, InstanceRecord
+from modelfleet.state import STATE_FILE, InstanceRecord, write_atomic
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -476,9 +475,7 @@ def _write_config(source: str | None, text: str) -> bool:
     with contextlib.suppress(OSError):
         if path.read_text() == text:
             return False
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, text)
     return True
 
 

@@ -24,6 +24,7 @@ from modelfleet.config import API_COMPONENT, StackConfig, load_config, load_conf
 from modelfleet.errors import BinaryError, FleetError, OverBudget, StartupError, UsageError
 from modelfleet.launcher import BinaryInfo, find_llama_server, plan_instances, probe_binary
 from modelfleet.stack import Stack, Status, StatusRow
+from modelfleet.state import local_url
 
 ENV_CONFIG = "MODELFLEET_CONFIG"
 ENV_STATE_DIR = "MODELFLEET_STATE_DIR"
@@ -318,14 +319,14 @@ def status(config_path: Path | None, dev: bool, state_dir: Path | None, as_json:
     _print_status(rows, as_json, hooks.read_results(stack.store.dir))
 
 
-def _front_door(stack: Stack, rows: list[StatusRow]) -> tuple[str, dict[str, str]] | None:
-    """Base URL and auth headers of the running front door, if it is healthy."""
+def _front_door(stack: Stack, rows: list[StatusRow]) -> str | None:
+    """Base URL of the running front door, if it is healthy."""
     api = next((r for r in rows if r.component == API_COMPONENT and r.status is Status.HEALTHY), None)
-    if api is None:
-        return None
-    host = "127.0.0.1" if stack.cfg.api.host in ("0.0.0.0", "::") else stack.cfg.api.host
-    key = stack.cfg.api.admin_key or stack.cfg.api.api_key
-    return f"http://{host}:{api.port}", ({"Authorization": f"Bearer {key}"} if key else {})
+    return None if api is None else local_url(stack.cfg.api.host, api.port)
+
+
+def _bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _merge_front_door_view(stack: Stack, rows: list[StatusRow]) -> None:
@@ -334,7 +335,8 @@ def _merge_front_door_view(stack: Stack, rows: list[StatusRow]) -> None:
     if door is None:
         return
     try:
-        resp = httpx.get(door[0] + "/admin/status", headers=door[1], timeout=5.0)
+        admin = _bearer(stack.cfg.api.admin_key or stack.cfg.api.api_key)
+        resp = httpx.get(door + "/admin/status", headers=admin, timeout=5.0)
         view = {i["port"]: i for i in resp.json()["instances"]} if resp.status_code == 200 else {}
     except (httpx.HTTPError, ValueError, KeyError):
         return
@@ -367,11 +369,9 @@ def chat(
     target = registry.resolve(stack.cfg, role)
     rows = stack.status(include_stopped=False)
     door = _front_door(stack, rows)
-    headers: dict[str, str] = {}
+    headers = _bearer(stack.cfg.api.api_key) if door is not None else {}
     if door is not None:  # through the front door: it routes by role, alias or task type
-        url, headers, via = door[0] + "/v1/chat/completions", door[1], f"the front door (:{door[0].rsplit(':', 1)[1]})"
-        if stack.cfg.api.api_key:
-            headers = {"Authorization": f"Bearer {stack.cfg.api.api_key}"}
+        url, via = door + "/v1/chat/completions", f"the front door ({door.split('//', 1)[1]})"
     else:  # no front door: straight to an instance that serves the role
         serving = [r for r in rows if target in r.roles and r.status is Status.HEALTHY]
         if not serving:

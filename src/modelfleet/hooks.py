@@ -20,15 +20,12 @@ of ``orchestrator_state.json`` is an instance record), newest per hook and targe
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import fcntl
 import importlib
 import json
-import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -39,7 +36,7 @@ import httpx
 from modelfleet.config import HookConfig
 from modelfleet.errors import StartupError, StateError, UsageError
 from modelfleet.stack import Stack, StartReport
-from modelfleet.state import InstanceRecord, now_iso
+from modelfleet.state import InstanceRecord, file_lock, now_iso, write_atomic
 
 HOOKS_FILE = "hooks.json"
 HOOKS_LOCK = "hooks.lock"
@@ -384,10 +381,11 @@ def record(state_dir: Path, results: list[HookResult]) -> None:
     """Merge outcomes into ``hooks.json``: the newest per hook and target wins."""
     if not results:
         return
-    with _locked(state_dir):
+    with file_lock(state_dir / HOOKS_LOCK, timeout_s=60.0):  # held for one file write
         merged = {r.key: r for r in read_results(state_dir)}
         merged.update({r.key: r for r in results})
-        _write_json(state_dir / HOOKS_FILE, {"format": 1, "results": [r.to_json() for r in merged.values()]})
+        data = {"format": 1, "results": [r.to_json() for r in merged.values()]}
+        write_atomic(state_dir / HOOKS_FILE, json.dumps(data, indent=2) + "\n")
 
 
 def read_results(state_dir: Path) -> list[HookResult]:
@@ -402,25 +400,3 @@ def read_results(state_dir: Path) -> list[HookResult]:
         raise StateError(
             f"hook results {path} are unreadable ({exc}); delete the file, then `modelfleet hooks run`"
         ) from exc
-
-
-@contextlib.contextmanager
-def _locked(state_dir: Path) -> Iterator[None]:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / HOOKS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a file write only: no timeout needed
-        yield
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: object) -> None:
-    """Atomic replace: tmp file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

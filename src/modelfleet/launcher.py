@@ -27,6 +27,7 @@ from typing import Protocol
 from modelfleet import provision
 from modelfleet.config import API_COMPONENT, ServerConfig, ServiceConfig, StackConfig, Tier
 from modelfleet.errors import BinaryError, ConfigError
+from modelfleet.state import instance_key, local_url
 
 ENV_BINARY = "MODELFLEET_LLAMA_SERVER"
 DEFAULT_THREADS_HTTP = 32  # the bundled HTTP pool stalls under connection bursts with the default
@@ -188,12 +189,11 @@ class InstanceSpec:
     @property
     def key(self) -> str:
         """The state file key, as in the seed: ``server_8080``."""
-        return f"server_{self.port}"
+        return instance_key(self.port)
 
     @property
     def base_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)
 
     @property
     def label(self) -> str:

@@ -42,7 +42,7 @@ import psutil
 from modelfleet import ggufmeta
 from modelfleet.config import ServerConfig, ServiceConfig, StackConfig, Tier
 from modelfleet.errors import FleetError, OverBudget
-from modelfleet.state import InstanceRecord, StateStore, now_iso
+from modelfleet.state import InstanceRecord, StateStore, now_iso, write_atomic
 
 if TYPE_CHECKING:
     from modelfleet.launcher import InstanceSpec
@@ -696,10 +696,7 @@ class MeasurementStore:
         """Record atomically (callers hold the state lock, so writers do not race)."""
         data = self._read()
         data[key] = m.to_json() | {"component": component}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 _KEY_FIELDS = {"model", "ctx_size", "parallel", "batch_size", "args", "draft", "mmproj", "embeddings"}

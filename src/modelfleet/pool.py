@@ -18,6 +18,7 @@ from enum import StrEnum
 
 from modelfleet.config import Tier
 from modelfleet.errors import FleetError
+from modelfleet.state import local_url
 
 
 class BackendState(StrEnum):
@@ -73,8 +74,7 @@ class Backend:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)
 
     @property
     def free_slots(self) -> int:

@@ -110,8 +110,7 @@ class Stack:
         names, include = list(names), list(include)
         known = self.component_names()
         for n in [*names, *include]:
-            if n not in known:
-                raise UsageError(f"'{n}' is not a server or service of this stack; known: {', '.join(known)}")
+            self._check_component(n)
         if names and hot_only:
             raise UsageError("give component names or --hot-only, not both")
         if names:
@@ -119,6 +118,11 @@ class Stack:
         comps = self.cfg.components()
         chosen = {n for n, c in comps.items() if c.tier is Tier.HOT} | set(include) | {API_COMPONENT}
         return [n for n in known if n in chosen]
+
+    def _check_component(self, name: str) -> None:
+        known = self.component_names()
+        if name not in known:
+            raise UsageError(f"'{name}' is not a server or service of this stack; known: {', '.join(known)}")
 
     def component_names(self) -> list[str]:
         """Servers and services in config order, then the front door when it is enabled."""
@@ -172,7 +176,6 @@ class Stack:
             if started:
                 self.say("start failed; stopping the instances this command started")
                 self._stop_records(started)
-                self.store.remove([f"server_{r.port}" for r in started])
             raise
         return report
 
@@ -274,11 +277,10 @@ class Stack:
                         raise UsageError(f"'{n}' is not a component of this stack; known: {', '.join(sorted(known))}")
                 chosen = [r for r in records.values() if r.component in wanted]
             self._stop_records(chosen)
-            self.store.remove([f"server_{r.port}" for r in chosen])
             return [r.name for r in chosen]
 
     def _stop_records(self, records: list[InstanceRecord]) -> None:
-        """SIGTERM each process group, one shared deadline, then SIGKILL, then reap."""
+        """SIGTERM each process group, one shared deadline, then SIGKILL, then reap; forget the records."""
         live = [(r, p) for r in records if (p := r.process()) is not None]
         self._mark_stopping([r for r, _ in live])
         for _, proc in live:
@@ -294,6 +296,8 @@ class Stack:
             _signal_group(proc, signal.SIGKILL, leftovers_only=True)
             self._procs.pop(proc.pid, None)
             self.say(f"{rec.name} (pid {proc.pid}, :{rec.port}) stopped")
+        if records:
+            self.store.remove([r.key for r in records])
 
     def _mark_stopping(self, records: list[InstanceRecord]) -> None:
         """Flag records before signalling, so a watcher never mistakes this exit for a crash."""
@@ -302,7 +306,7 @@ class Stack:
         current = self.store.read()
         for rec in records:
             rec.stopping = True
-            current[f"server_{rec.port}"] = rec
+            current[rec.key] = rec
         self.store.write(current)
 
     def stop_instances(self, keys: Iterable[str]) -> list[str]:
@@ -311,7 +315,6 @@ class Stack:
             records = self.store.read()
             chosen = [records[k] for k in keys if k in records]
             self._stop_records(chosen)
-            self.store.remove([f"server_{r.port}" for r in chosen])
             return [r.name for r in chosen]
 
     def start_instances(self, keys: Iterable[str]) -> StartReport:
@@ -365,16 +368,12 @@ class Stack:
 
     def reload(self, name: str) -> StartReport:
         """Restart one component with the current config, leaving the others alone."""
-        if name not in self.component_names():
-            raise UsageError(
-                f"'{name}' is not a server or service of this stack; known: {', '.join(self.component_names())}"
-            )
+        self._check_component(name)
         specs = self.specs([name])
         with self.store.lock():
             records = self.store.read()
             old = [r for r in records.values() if r.component == name]
             self._stop_records(old)
-            self.store.remove([f"server_{r.port}" for r in old])
             return self._start_locked(specs)
 
     # --- status --------------------------------------------------------------

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -60,9 +61,12 @@ class InstanceRecord:
         return f"{self.component}[{self.index}]" if self.replicas > 1 else self.component
 
     @property
+    def key(self) -> str:
+        return instance_key(self.port)
+
+    @property
     def base_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)
 
     @classmethod
     def from_json(cls, key: str, data: dict[str, Any]) -> InstanceRecord:
@@ -88,6 +92,60 @@ class InstanceRecord:
             return proc
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` so that a reader sees the old file or the new one, never half of one.
+
+    Written to a temp file beside it (unique per process and thread), fsynced, renamed over
+    it, and the folder fsynced so the rename survives a crash.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float) -> Iterator[None]:
+    """An exclusive lock on ``path`` across processes (and threads: each call opens its own fd).
+
+    Closing the fd releases it, so a crashed holder never leaves it locked.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StateError(f"another modelfleet command holds {path}; wait for it to finish") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+def instance_key(port: int) -> str:
+    """The state file key of the instance on ``port``, as in the seed: ``server_8080``."""
+    return f"server_{port}"
+
+
+def local_url(host: str, port: int) -> str:
+    """How this machine reaches a service bound to ``host``: a wildcard bind is reached on loopback."""
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{reach}:{port}"
 
 
 def now_iso() -> str:
@@ -126,44 +184,19 @@ class StateStore:
         """Replace the file atomically."""
         self.ensure()
         data = {k: asdict(r) for k, r in sorted(records.items(), key=lambda kv: kv[1].port)}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with tmp.open("w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, json.dumps(data, indent=2) + "\n")
 
     @contextlib.contextmanager
     def lock(self, timeout_s: float = 900.0) -> Iterator[None]:
         """Exclusive lock for a read-modify-write, across processes."""
         self.ensure()
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StateError(
-                            f"another modelfleet command holds {self.dir / LOCK_FILE}; wait for it to finish"
-                        ) from None
-                    time.sleep(0.05)
+        with file_lock(self.dir / LOCK_FILE, timeout_s):
             yield
-        finally:
-            os.close(fd)  # closing releases the lock
 
     def put(self, rec: InstanceRecord) -> None:
         """Add or replace one record (call under :meth:`lock`)."""
         records = self.read()
-        records[f"server_{rec.port}"] = rec
+        records[rec.key] = rec
         self.write(records)
 
     def remove(self, keys: list[str]) -> None:
