@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +19,32 @@ from modelfleet import provision
 from modelfleet.config import StackConfig, load_config
 from modelfleet.launcher import BinaryInfo, find_llama_server, probe_binary
 from modelfleet.stack import Stack
+from modelfleet.state import StateStore
 from modelfleet.tinymodel import TinyShape, write_tiny_llama
+
+#: The installed console script, run as a subprocess by the end-to-end tests.
+MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
+
+
+def stack_cli(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed CLI on the stack in ``folder`` (``stack.yaml``, ``state/``).
+
+    ``folder`` is on PYTHONPATH, so user hook modules a test writes there import.
+    """
+    env = {**os.environ, "PYTHONPATH": str(folder)}
+    cmd = [MODELFLEET, *args, "--config", str(folder / "stack.yaml"), "--state-dir", str(folder / "state")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.fixture
+def cli_stack(tmp_path: Path) -> Iterator[Path]:
+    """A stack driven through the CLI in ``tmp_path``; stopped at teardown, stragglers killed."""
+    yield tmp_path
+    stack_cli(tmp_path, "stop", "--all")
+    for rec in StateStore(tmp_path / "state").read().values():
+        proc = rec.process()
+        if proc is not None:
+            proc.kill()
 
 
 def free_port() -> int:

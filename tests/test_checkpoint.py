@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import StackFactory, free_ports
+from conftest import StackFactory, free_ports, stack_cli
 from modelfleet import checkpoint
 from modelfleet.checkpoint import CheckpointError, NoSuchCheckpoint
 from modelfleet.config import load_config_file
@@ -21,7 +17,6 @@ from modelfleet.errors import UsageError
 from modelfleet.stack import Stack
 from modelfleet.state import StateStore
 
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 # ~190 bytes: the byte-level tiny model reads it as ~190 prompt tokens.
 PROMPT = "Checkpoints keep the KV cache of every slot, so a restored server answers a long shared prefix " * 2
 
@@ -276,44 +271,29 @@ def test_same_name_in_the_same_second_is_refused(make_stack: StackFactory, tmp_p
 # --- the command line ------------------------------------------------------------------------
 
 
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [MODELFLEET, *args, "--config", str(tmp_path / "stack.yaml"), "--state-dir", str(tmp_path / "state")]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
-
-
-@pytest.fixture
-def cli_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    cli(tmp_path, "stop", "--all")
-    for rec in StateStore(tmp_path / "state").read().values():
-        proc = rec.process()
-        if proc is not None:
-            proc.kill()
-
-
-def test_cli_checkpoint_create_list_restore_delete(cli_dir: Path, tiny_model: Path) -> None:
+def test_cli_checkpoint_create_list_restore_delete(cli_stack: Path, tiny_model: Path) -> None:
     (port,) = free_ports(1)
-    cfg = cli_dir / "stack.yaml"
+    cfg = cli_stack / "stack.yaml"
     original = "servers:\n" + server("alpha", tiny_model, port, parallel=1) + "api: {enabled: false}\n"
     cfg.write_text(original)
-    assert cli(cli_dir, "start").returncode == 0
+    assert stack_cli(cli_stack, "start").returncode == 0
 
-    res = cli(cli_dir, "checkpoint", "create", "base", "--json")
+    res = stack_cli(cli_stack, "checkpoint", "create", "base", "--json")
     assert res.returncode == 0, res.stderr
     ckpt_id = json.loads(res.stdout)["id"]
-    listed = json.loads(cli(cli_dir, "checkpoint", "list", "--json").stdout)
+    listed = json.loads(stack_cli(cli_stack, "checkpoint", "list", "--json").stdout)
     assert [(c["id"], c["running"], c["problems"]) for c in listed] == [(ckpt_id, ["alpha"], [])]
-    assert ckpt_id in cli(cli_dir, "checkpoint", "list").stdout
+    assert ckpt_id in stack_cli(cli_stack, "checkpoint", "list").stdout
 
     cfg.write_text(original.replace("parallel: 1", "parallel: 2"))
-    assert cli(cli_dir, "reload", "alpha").returncode == 0 and total_slots(port) == 2
-    res = cli(cli_dir, "checkpoint", "restore", ckpt_id)
+    assert stack_cli(cli_stack, "reload", "alpha").returncode == 0 and total_slots(port) == 2
+    res = stack_cli(cli_stack, "checkpoint", "restore", ckpt_id)
     assert res.returncode == 0, res.stderr
     assert "reloaded (config changed): alpha" in res.stdout and "wrote the checkpoint's text back" in res.stdout
     assert cfg.read_text() == original and total_slots(port) == 1
 
-    res = cli(cli_dir, "checkpoint", "create", "../up")
+    res = stack_cli(cli_stack, "checkpoint", "create", "../up")
     assert res.returncode == 2 and "is not a valid checkpoint name" in res.stderr
-    res = cli(cli_dir, "checkpoint", "delete", ckpt_id)
+    res = stack_cli(cli_stack, "checkpoint", "delete", ckpt_id)
     assert res.returncode == 0 and f"deleted checkpoint {ckpt_id}" in res.stdout
-    assert json.loads(cli(cli_dir, "checkpoint", "list", "--json").stdout) == []
+    assert json.loads(stack_cli(cli_stack, "checkpoint", "list", "--json").stdout) == []

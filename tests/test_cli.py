@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -13,10 +12,8 @@ import psutil
 import pytest
 import yaml
 
-from conftest import free_ports
+from conftest import MODELFLEET, free_ports
 from modelfleet.state import StateStore
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 
 
 def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from conftest import MODELFLEET
 from modelfleet import provision
 from modelfleet.config import (
     BUILTIN_DEV_MODEL,
@@ -29,7 +29,6 @@ from modelfleet.launcher import BinaryInfo, find_llama_server, server_args
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION = ROOT / "examples" / "production.yaml"
 DEV = ROOT / "examples" / "dev.yaml"
-MODELFLEET = Path(sys.executable).parent / "modelfleet"
 
 SOURCE = "/srv/stacks/stack.yaml"
 
@@ -933,7 +932,7 @@ def test_no_binary_means_no_checks(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(MODELFLEET), *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    return subprocess.run([MODELFLEET, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
 
 
 def test_cli_config_check_production() -> None:

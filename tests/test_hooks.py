@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -13,14 +11,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import StackFactory, config_from, free_ports
+from conftest import StackFactory, config_from, free_ports, stack_cli
 from modelfleet import hooks
 from modelfleet.config import HookConfig
 from modelfleet.errors import ConfigError, UsageError
 from modelfleet.hooks import HookError, HookStatus
 from modelfleet.state import StateStore
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 
 # A user hook module: every hook appends what it saw to LOG, one JSON object a line.
 HOOK_MODULE = """
@@ -334,23 +330,6 @@ def _listening(port: int) -> bool:
         return False
 
 
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    cmd = [MODELFLEET, *args, "--config", str(tmp_path / "stack.yaml"), "--state-dir", str(tmp_path / "state")]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-
-
-@pytest.fixture
-def cli_stack(tmp_path: Path) -> Iterator[Path]:
-    """A stack driven through the CLI; stopped at teardown."""
-    yield tmp_path
-    cli(tmp_path, "stop", "--all")
-    for rec in StateStore(tmp_path / "state").read().values():
-        proc = rec.process()
-        if proc is not None:
-            proc.kill()
-
-
 def test_cli_runs_hooks_after_start_and_shows_them(
     cli_stack: Path, tiny_model: Path, hook_module: tuple[str, Path]
 ) -> None:
@@ -359,19 +338,19 @@ def test_cli_runs_hooks_after_start_and_shows_them(
     text = f"servers:\n{server('alpha', tiny_model, port)}api: {{enabled: false}}\nhooks:\n"
     (cli_stack / "stack.yaml").write_text(text + hook("greet", call=f"{mod}:second"))
 
-    res = cli(cli_stack, "start")
+    res = stack_cli(cli_stack, "start")
     assert res.returncode == 0, res.stderr
     assert "hook greet: ok" in res.stderr and "seeded 3 rows" in res.stderr
-    res = cli(cli_stack, "status")
+    res = stack_cli(cli_stack, "status")
     assert "hooks:" in res.stdout and "greet" in res.stdout
-    data = json.loads(cli(cli_stack, "status", "--json").stdout)
+    data = json.loads(stack_cli(cli_stack, "status", "--json").stdout)
     assert [i["name"] for i in data["instances"]] == ["alpha"]
     assert [(h["name"], h["status"]) for h in data["hooks"]] == [("greet", "ok")]
 
-    res = cli(cli_stack, "hooks", "run", "greet")
+    res = stack_cli(cli_stack, "hooks", "run", "greet")
     assert res.returncode == 0, res.stderr
     assert [c["hook"] for c in calls(log)] == ["second", "second"]
-    res = cli(cli_stack, "hooks", "run", "nope")
+    res = stack_cli(cli_stack, "hooks", "run", "nope")
     assert res.returncode == 2 and "no hook named 'nope'" in res.stderr
 
 
@@ -383,7 +362,7 @@ def test_cli_start_fails_on_a_required_hook_and_leaves_nothing_running(
     text = f"servers:\n{server('alpha', tiny_model, port)}api: {{enabled: false}}\nhooks:\n"
     (cli_stack / "stack.yaml").write_text(text + hook("boom", call=f"{mod}:boom", required="true"))
 
-    res = cli(cli_stack, "start")
+    res = stack_cli(cli_stack, "start")
     assert res.returncode == 4, res.stderr
     assert "a required hook did not succeed" in res.stderr and "seed database is missing" in res.stderr
     assert "stopped what this start launched: alpha" in res.stderr

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import StackFactory, free_ports
+from conftest import MODELFLEET, StackFactory, free_ports
 from modelfleet import ggufmeta, memory, tinymodel
 from modelfleet.config import Tier, load_config, load_config_file
 from modelfleet.errors import ConfigError, OverBudget
@@ -38,7 +37,6 @@ GB = memory.GB
 LOG_ROUNDING = 0.01 * MIB  # llama-server prints MiB with two decimals
 COMPUTE_TOLERANCE = 0.25
 TOTAL_TOLERANCE = 0.10
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 PRODUCTION = Path(__file__).resolve().parent.parent / "examples" / "production.yaml"
 
 

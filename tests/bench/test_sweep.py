@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import StackFactory, free_ports
+from conftest import MODELFLEET, StackFactory, free_ports
 from modelfleet.bench.sweep import (
     CSV_COLUMNS,
     PLOT_MISSING,
@@ -47,8 +47,6 @@ from modelfleet.bench.sweep import (
 from modelfleet.config import load_config
 from modelfleet.errors import ConfigError, UsageError
 from modelfleet.launcher import InstanceSpec, LocalLauncher
-
-MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
 
 
 def lv(parallel: int, tps: float, p95_s: float, **kw: object) -> LevelStats:
