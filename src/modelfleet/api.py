@@ -27,7 +27,6 @@ from typing import Any
 
 import aiohttp
 import uvicorn
-import yarl
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from modelfleet import checkpoint, registry
+from modelfleet import checkpoint, registry, upstream
 from modelfleet.config import StackConfig, load_config_file
 from modelfleet.errors import FleetError, NoSuchRole
 from modelfleet.launcher import BinaryInfo, find_llama_server, probe_binary
@@ -44,6 +43,7 @@ from modelfleet.metrics import Metrics
 from modelfleet.pool import Backend, BackendState, NoBackend, Pool, QueueFull, QueueTimeout
 from modelfleet.router import Router
 from modelfleet.stack import Stack
+from modelfleet.wire import FrontDoorProtocol
 
 log = logging.getLogger("modelfleet.api")
 
@@ -129,9 +129,8 @@ class FrontDoor:
         self.cfg = cfg
         self.stack = stack
         self.run_monitor = monitor
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=cfg.api.request_timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, yarl.URL] = {}
+        self._session: aiohttp.ClientSession | None = None  # the monitor's probes
+        self.client = upstream.Client(connect_timeout=5.0, sock_read=cfg.api.request_timeout_s)
         self.router = Router(cfg, stack)
         self.started = time.time()
         self.metrics = Metrics(self.router)
@@ -157,7 +156,6 @@ class FrontDoor:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        # aiohttp's client: a fraction of httpx's per-request cost, which matters on the hot path.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, ttl_dns_cache=None)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -177,6 +175,7 @@ class FrontDoor:
                 await asyncio.gather(monitor, return_exceptions=True)
             await self.router.close()
             await self._session.close()
+            await self.client.close()
 
     # --- access ------------------------------------------------------------------
 
@@ -279,30 +278,25 @@ class FrontDoor:
 
     async def proxy(self, incoming: Incoming, pool: Pool, path: str, stream: bool) -> Response:
         """Send the request to a backend of the pool; retry once elsewhere if it fails before any byte."""
-        assert self._session is not None
         t0 = time.perf_counter()
         headers = {k: v for k in FORWARD_HEADERS if (v := incoming.headers.get(k)) is not None}
-        url_tail = path + (f"?{incoming.query}" if incoming.query else "")
+        target = path + (f"?{incoming.query}" if incoming.query else "")
         exclude: frozenset[str] = frozenset()
         for attempt in (1, 2):
             backend = await self._acquire(pool, exclude)
             self.metrics.child(self.metrics.queue_wait, pool.role).observe(time.perf_counter() - t0)
             try:
-                upstream = await self._session.request(
-                    incoming.method,
-                    self._url(backend.url + url_tail),
-                    data=incoming.body,
-                    headers=headers,
-                    timeout=self.timeout,
+                response = await self.client.request(
+                    incoming.method, backend.reach_host, backend.port, target, headers, incoming.body
                 )
             except TimeoutError as exc:
                 self.router.release(backend)
                 self.metrics.errors.labels(pool.role, "backend").inc()
                 raise ApiError(504, f"{backend.name} did not answer in time", "timeout_error", "backend") from exc
-            except aiohttp.ClientError as exc:
+            except upstream.UpstreamError as exc:
                 # Refused, or a kept-alive connection the backend had closed: nothing was sent back yet.
                 self.router.release(backend)
-                if isinstance(exc, aiohttp.ClientConnectorError):
+                if isinstance(exc, upstream.ConnectFailed):
                     self.router.report_failure(backend)
                 if attempt == 1:
                     others = any(b.key != backend.key for b in pool.ready)
@@ -310,19 +304,10 @@ class FrontDoor:
                     continue
                 self.metrics.errors.labels(pool.role, "backend").inc()
                 raise ApiError(
-                    502, f"{backend.name} failed before answering: {exc!r}", "upstream_error", "backend"
+                    502, f"{backend.name} failed before answering: {exc}", "upstream_error", "backend"
                 ) from exc
-            return ProxyResponse(self, pool, backend, upstream, t0, keep_alive=not stream)
+            return ProxyResponse(self, pool, backend, response, t0, keep_alive=not stream)
         raise AssertionError("unreachable")
-
-    def _url(self, url: str) -> yarl.URL:
-        """Parsed upstream URLs, cached: parsing one costs more than the rest of the request's routing."""
-        parsed = self._urls.get(url)
-        if parsed is None:
-            if len(self._urls) > 4096:  # query strings make the set open-ended
-                self._urls.clear()
-            parsed = self._urls[url] = yarl.URL(url, encoded=True)
-        return parsed
 
     async def _acquire(self, pool: Pool, exclude: frozenset[str]) -> Backend:
         try:
@@ -441,18 +426,35 @@ class ProxyResponse(Response):
         door: FrontDoor,
         pool: Pool,
         backend: Backend,
-        upstream: aiohttp.ClientResponse,
+        response: upstream.Response,
         t0: float,
         keep_alive: bool,
     ) -> None:
-        self.door, self.pool, self.backend, self.upstream, self.t0 = door, pool, backend, upstream, t0
+        self.door, self.pool, self.backend, self.response, self.t0 = door, pool, backend, response, t0
         # llama-server closes the connection after a stream while advertising keep-alive:
         # such a connection is never put back in the pool.
         self.keep_alive = keep_alive
-        self.status_code = upstream.status
+        self.status_code = response.status
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k.lower(), v) for k, v in self.response.raw_headers if k.lower() not in HOP_BY_HOP]
+        if self.response.arrived:
+            await self._send_whole(send, headers)
+        else:
+            await self._stream(receive, send, headers)
+
+    async def _send_whole(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
+        """The whole body is already here (a short answer): send it at once, no disconnect watch needed."""
+        body = b"".join([chunk async for chunk in self.response.chunks()])
+        self._observe(self.door.metrics.ttft)
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        finally:
+            self._finish(complete=True, tail=body[-4096:], cancelled=False)
+
+    async def _stream(self, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
         me = asyncio.current_task()
         gone = asyncio.Event()
 
@@ -467,10 +469,9 @@ class ProxyResponse(Response):
         tail = b""
         complete = False
         try:
-            headers = [(k.lower(), v) for k, v in self.upstream.raw_headers if k.lower() not in HOP_BY_HOP]
             await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
             first = True
-            async for chunk in self.upstream.content.iter_any():
+            async for chunk in self.response.chunks():
                 if first:
                     self._observe(self.door.metrics.ttft)
                     first = False
@@ -482,17 +483,23 @@ class ProxyResponse(Response):
             if not gone.is_set():
                 raise
             log.info("client left %s on %s; upstream request cancelled", self.pool.role, self.backend.name)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (upstream.BrokenOff, TimeoutError) as exc:
             log.warning("%s broke off mid-response: %r", self.backend.name, exc)
             self.door.metrics.errors.labels(self.pool.role, "backend").inc()
         finally:
             watcher.cancel()
-            if complete and self.keep_alive:
-                self.upstream.release()
-            else:
-                self.upstream.close()  # closing the connection makes llama-server cancel the task
-            self.door.router.release(self.backend)
-            self._record(tail, cancelled=gone.is_set())
+            self._finish(complete, tail, cancelled=gone.is_set())
+
+    def _finish(self, complete: bool, tail: bytes, cancelled: bool) -> None:
+        """Free the connection and the slot now; count the request once the answer has left."""
+        if complete and self.keep_alive:
+            self.response.release()
+        else:
+            self.response.close()  # closing the connection makes llama-server cancel the task
+        self.door.router.release(self.backend)
+        # The client's socket is written at the end of this loop turn (wire.CoalescingTransport):
+        # the metrics wait for the turn after, off the response's path.
+        asyncio.get_running_loop().call_soon(self._record, tail, cancelled)
 
     def _observe(self, hist: Any) -> None:
         self.door.metrics.child(hist, self.pool.role, self.backend.name).observe(time.perf_counter() - self.t0)
@@ -566,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         log_level="warning",
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=FrontDoorProtocol,
+        proxy_headers=False,  # nothing here reads the client address; the middleware costs on every request
         timeout_graceful_shutdown=int(cfg.api.drain_timeout_s) or None,
     )
     return 0

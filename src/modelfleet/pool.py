@@ -18,7 +18,7 @@ from enum import StrEnum
 
 from modelfleet.config import Tier
 from modelfleet.errors import FleetError
-from modelfleet.state import local_url
+from modelfleet.state import local_host, local_url
 
 
 class BackendState(StrEnum):
@@ -75,6 +75,10 @@ class Backend:
     @property
     def url(self) -> str:
         return local_url(self.host, self.port)
+
+    @property
+    def reach_host(self) -> str:
+        return local_host(self.host)
 
     @property
     def free_slots(self) -> int:

@@ -71,6 +71,7 @@ class Router:
             role: Pool(role, [b for b in self.backends.values() if role in b.roles], cfg.api.queue_max, self.release)
             for role in cfg.roles()
         }
+        self._resolved: dict[str | None, Pool] = {}  # name -> pool; the config is fixed for our lifetime
         self._busy: set[str] = set()  # keys under a start/stop of ours: state sync leaves them alone
         self._starts: dict[str, asyncio.Task[None]] = {}  # component -> its start task
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -95,7 +96,10 @@ class Router:
 
     def resolve(self, name: str | None) -> Pool:
         """The pool for a role, alias or task type (None: the default role)."""
-        return self.pools[registry.resolve(self.cfg, name)]
+        pool = self._resolved.get(name)
+        if pool is None:
+            pool = self._resolved[name] = self.pools[registry.resolve(self.cfg, name)]
+        return pool
 
     async def acquire(self, pool: Pool, exclude: frozenset[str] = frozenset()) -> Backend:
         """A backend of the pool with a free slot; may start a WARM/COLD server and wait for it."""

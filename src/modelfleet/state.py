@@ -142,10 +142,13 @@ def instance_key(port: int) -> str:
     return f"server_{port}"
 
 
-def local_url(host: str, port: int) -> str:
+def local_host(host: str) -> str:
     """How this machine reaches a service bound to ``host``: a wildcard bind is reached on loopback."""
-    reach = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{reach}:{port}"
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def local_url(host: str, port: int) -> str:
+    return f"http://{local_host(host)}:{port}"
 
 
 def now_iso() -> str:
