@@ -132,6 +132,9 @@ class FrontDoor:
         self._session: aiohttp.ClientSession | None = None  # the monitor's probes
         self.client = upstream.Client(connect_timeout=5.0, sock_read=cfg.api.request_timeout_s)
         self.router = Router(cfg, stack)
+        # Served by wire.Exchange, uvicorn's request cycle bypassed (see wire.FrontDoorProtocol).
+        self.fast_paths = frozenset(path.encode() for path in MODEL_ROUTES)
+        self.max_body_bytes = cfg.api.max_body_bytes
         self.started = time.time()
         self.metrics = Metrics(self.router)
         self.app = Starlette(
