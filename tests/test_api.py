@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -459,3 +461,115 @@ def test_warm_start_that_does_not_fit_in_memory_is_refused_with_the_reason(
     assert "cannot start big for 'big'" in msg and "available" in msg
     assert f.status()["big"]["state"] == "stopped" and f"server_{b}" not in f.stack.store.read()
     assert f.chat("main").status_code == 200  # nothing else disturbed
+
+
+# --- the front door's own HTTP/1.1 path (wire.FrontDoorProtocol) -----------------------------
+
+
+def _raw_request(path: str, body: bytes, extra: str = "", method: str = "POST", version: str = "1.1") -> bytes:
+    head = f"{method} {path} HTTP/{version}\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+    if "Transfer-Encoding" not in extra:
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def _read_response(sock: socket.socket, buf: bytearray) -> tuple[bytes, dict[str, str], bytes]:
+    """One response off the socket (Content-Length or chunked); ``buf`` keeps what follows it."""
+
+    def more() -> None:
+        data = sock.recv(65536)
+        assert data, f"connection closed early; had {bytes(buf)!r}"
+        buf.extend(data)
+
+    while b"\r\n\r\n" not in buf:
+        more()
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    buf[:] = rest
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    if "content-length" in headers:
+        while len(buf) < int(headers["content-length"]):
+            more()
+        n = int(headers["content-length"])
+        body = bytes(buf[:n])
+        del buf[:n]
+        return status.encode(), headers, body
+    assert headers.get("transfer-encoding") == "chunked", headers
+    body = b""
+    while True:
+        while b"\r\n" not in buf:
+            more()
+        size_line, _, _ = bytes(buf).partition(b"\r\n")
+        size = int(size_line, 16)
+        while len(buf) < len(size_line) + 2 + size + 2:
+            more()
+        body += bytes(buf[len(size_line) + 2 : len(size_line) + 2 + size])
+        del buf[: len(size_line) + 2 + size + 2]
+        if size == 0:
+            return status.encode(), headers, body
+
+
+def _tokenize(content: str) -> bytes:
+    return json.dumps({"model": "m", "content": content}).encode()
+
+
+def test_one_connection_mixes_model_routes_other_routes_and_pipelined_requests(
+    fleet: Callable[..., Fleet], tiny_model: Path
+) -> None:
+    (a,) = free_ports(1)
+    f = fleet("servers:\n" + srv("m", tiny_model, a, "[m]"))
+    port = int(f.url.rsplit(":", 1)[1])
+    direct = [httpx.post(f"http://127.0.0.1:{a}/tokenize", json={"content": c}).json() for c in ("one", "two two")]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        buf = bytearray()
+        # Keep-alive across a model route, another route and a model route again.
+        sock.sendall(_raw_request("/tokenize", _tokenize("one")))
+        status, _, body = _read_response(sock, buf)
+        assert status.startswith(b"HTTP/1.1 200") and json.loads(body) == direct[0]
+        sock.sendall(_raw_request("/health", b"", method="GET"))
+        status, _, body = _read_response(sock, buf)
+        assert status.startswith(b"HTTP/1.1 200") and json.loads(body)["status"] == "ok"
+        # Two requests sent together are answered in order.
+        sock.sendall(_raw_request("/tokenize", _tokenize("one")) + _raw_request("/tokenize", _tokenize("two two")))
+        answers = [_read_response(sock, buf) for _ in range(2)]
+        assert [json.loads(body) for _, _, body in answers] == direct
+        # A chunked request body is read whole; a stream goes back chunked.
+        chat = json.dumps({"model": "m", "stream": True, "max_tokens": 4, "messages": []}).encode()
+        framed = b"%x\r\n%b\r\n0\r\n\r\n" % (len(chat), chat)
+        sock.sendall(_raw_request("/v1/chat/completions", framed, "Transfer-Encoding: chunked\r\n"))
+        status, headers, body = _read_response(sock, buf)
+        assert status.startswith(b"HTTP/1.1 200") and headers["transfer-encoding"] == "chunked"
+        assert body.rstrip().endswith(b"data: [DONE]")
+        # Expect: 100-continue is answered, then the request.
+        body = _tokenize("three")
+        sock.sendall(_raw_request("/tokenize", body, "Expect: 100-continue\r\n")[: -len(body)])
+        while b"\r\n\r\n" not in buf:
+            buf.extend(sock.recv(65536))
+        assert bytes(buf).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        del buf[:25]
+        sock.sendall(body)
+        status, _, got = _read_response(sock, buf)
+        assert status.startswith(b"HTTP/1.1 200") and json.loads(got)["tokens"]
+    assert f.status()["m"]["served"] == 5
+
+
+def test_http_1_0_and_oversized_chunked_bodies_close_the_connection(
+    fleet: Callable[..., Fleet], tiny_model: Path
+) -> None:
+    (a,) = free_ports(1)
+    f = fleet("servers:\n" + srv("m", tiny_model, a, "[m]"), api_extra=", max_body_bytes: 4096")
+    port = int(f.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(_raw_request("/tokenize", _tokenize("one"), version="1.0"))
+        status, headers, _ = _read_response(sock, bytearray())
+        assert status.startswith(b"HTTP/1.1 200") and headers["connection"] == "close"
+        assert sock.recv(100) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        chunk = b"x" * 3000
+        sock.sendall(_raw_request("/tokenize", b"", "Transfer-Encoding: chunked\r\n"))
+        for _ in range(3):
+            sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        status, headers, body = _read_response(sock, bytearray())
+        assert status.startswith(b"HTTP/1.1 413") and "max_body_bytes" in json.loads(body)["error"]["message"]
+        assert headers["connection"] == "close"
+    assert f.status()["m"]["served"] == 1
