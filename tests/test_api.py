@@ -18,6 +18,8 @@ import psutil
 import pytest
 
 from conftest import StackFactory, free_ports
+from modelfleet.launcher import InstanceSpec
+from modelfleet.router import Router
 from modelfleet.stack import Stack
 
 FAKES = Path(__file__).parent / "fakes"
@@ -394,6 +396,38 @@ def test_client_disconnect_cancels_the_upstream_and_frees_the_slot(
     assert f.chat("m").status_code == 200
 
 
+def test_a_client_gone_before_its_answer_began_is_not_worked_on(fleet: Callable[..., Fleet], long_model: Path) -> None:
+    (a,) = free_ports(1)
+    f = fleet("servers:\n" + srv("m", long_model, a, "[m]", parallel=1, ctx_size=32768))
+    port = int(f.url.rsplit(":", 1)[1])
+    long = json.dumps({"model": "m", "max_tokens": 30000, "messages": [{"role": "user", "content": "x"}]})
+
+    def busy() -> bool:
+        return any(s["is_processing"] for s in httpx.get(f"http://127.0.0.1:{a}/slots", timeout=5).json())
+
+    # One client waits for a whole (non-streamed) long answer, a second queues behind it; both leave.
+    working = socket.create_connection(("127.0.0.1", port), timeout=30)
+    working.sendall(_raw_request("/v1/chat/completions", long.encode()))
+    f.wait_for("the first request to reach llama-server", busy)
+    queued = socket.create_connection(("127.0.0.1", port), timeout=30)
+    queued.sendall(_raw_request("/v1/chat/completions", long.encode()))
+    f.wait_for("the second request to queue", lambda: f.status()["m"]["queued"] == 1)
+    queued.close()
+    f.wait_for("the queued request to leave the line", lambda: f.status()["m"]["queued"] == 0)
+    working.close()
+    f.wait_for("the front door to free the slot", lambda: f.status()["m"]["in_flight"] == 0)
+    # llama-server notices a dropped non-streamed request when a second passes with no result for
+    # any task (every /slots call is one), so look seldom; it stops long before 30000 tokens.
+    for _ in range(8):
+        time.sleep(1.5)
+        if not busy():
+            break
+    else:
+        raise AssertionError("llama-server kept generating for a client that had left")
+    assert f.status()["m"]["served"] == 1  # the queued request never reached it
+    assert f.chat("m").status_code == 200
+
+
 def test_metrics_per_role_and_instance(fleet: Callable[..., Fleet], tiny_model: Path) -> None:
     (a,) = free_ports(1)
     f = fleet("servers:\n" + srv("m", tiny_model, a, "[m]"))
@@ -461,6 +495,31 @@ def test_warm_start_that_does_not_fit_in_memory_is_refused_with_the_reason(
     assert "cannot start big for 'big'" in msg and "available" in msg
     assert f.status()["big"]["state"] == "stopped" and f"server_{b}" not in f.stack.store.read()
     assert f.chat("main").status_code == 200  # nothing else disturbed
+
+
+def test_requests_arriving_together_for_a_stopped_warm_role_admit_and_start_it_once(
+    make_stack: StackFactory, tiny_model: Path
+) -> None:
+    (a,) = free_ports(1)
+    stack = make_stack("servers:\n" + srv("w", tiny_model, a, "[w]", tier="warm", parallel=4))
+    admitted: list[str] = []
+
+    async def admission(spec: InstanceSpec) -> str | None:
+        admitted.append(spec.name)
+        await asyncio.sleep(0.3)  # the requests below all arrive while this one is being decided
+        return None
+
+    async def main() -> None:
+        router = Router(stack.cfg, stack, admission=admission)
+        pool = router.resolve("w")
+        backends = await asyncio.gather(*(router.acquire(pool) for _ in range(3)))
+        assert [b.name for b in backends] == ["w"] * 3
+        for b in backends:
+            router.release(b)
+        await router.close()
+
+    asyncio.run(main())
+    assert admitted == ["w"]
 
 
 # --- the front door's own HTTP/1.1 path (wire.FrontDoorProtocol) -----------------------------

@@ -296,6 +296,11 @@ class FrontDoor:
                 self.router.release(backend)
                 self.metrics.errors.labels(pool.role, "backend").inc()
                 raise ApiError(504, f"{backend.name} did not answer in time", "timeout_error", "backend") from exc
+            except asyncio.CancelledError:
+                # The client left while the backend worked: the closed connection cancels its task there.
+                self.router.release(backend)
+                self.metrics.child(self.metrics.requests, pool.role, backend.name, "499").inc()
+                raise
             except upstream.UpstreamError as exc:
                 # Refused, or a kept-alive connection the backend had closed: nothing was sent back yet.
                 self.router.release(backend)

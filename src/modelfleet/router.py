@@ -74,6 +74,7 @@ class Router:
         self._resolved: dict[str | None, Pool] = {}  # name -> pool; the config is fixed for our lifetime
         self._busy: set[str] = set()  # keys under a start/stop of ours: state sync leaves them alone
         self._starts: dict[str, asyncio.Task[None]] = {}  # component -> its start task
+        self._admitting: dict[str, asyncio.Task[str | None]] = {}  # component -> its admission, then start
         self._tasks: set[asyncio.Task[Any]] = set()
         self._drained: dict[str, asyncio.Event] = {}
 
@@ -149,10 +150,32 @@ class Router:
             failed = [b.name for b in pool.backends if b.state is BackendState.FAILED]
             why = f"; failed: {', '.join(failed)}" if failed else ""
             raise NoBackend(f"no instance of '{pool.role}' is ready and none can be started{why}")
-        refusal = await self._admit(candidates[0])
+        # shield: a request that gives up does not call off a start others are waiting for
+        refusal = await asyncio.shield(self._admit_and_start(candidates[0], reason))
         if refusal is not None:
             raise NoBackend(f"cannot start {candidates[0]} for '{pool.role}': {refusal}")
-        self.ensure_started(candidates[0], reason)
+
+    def _admit_and_start(self, component: str, reason: str) -> asyncio.Task[str | None]:
+        """Admission, then the start, of a component: once, however many requests ask at the same moment
+        (two admissions could each evict for the same start). The task's result is the refusal, or None."""
+        task = self._admitting.get(component)
+        if task is None:
+            task = self._spawn(self._admit_then_start(component, reason))
+            self._admitting[component] = task
+            task.add_done_callback(lambda _: self._admitting.pop(component, None))
+        return task
+
+    async def _admit_then_start(self, component: str, reason: str) -> str | None:
+        try:
+            refusal = await self._admit(component)
+        except Exception as exc:  # nobody may be waiting (an expansion): report it here
+            log.exception("admission of %s failed", component)
+            refusal = f"admission failed: {exc}"
+        if refusal is None:
+            self.ensure_started(component, reason)
+        else:
+            log.warning("not starting %s (%s): %s", component, reason, refusal)
+        return refusal
 
     async def _admit(self, component: str) -> str | None:
         """None if the component may start now (after evicting idle WARM instances if needed), else why not."""
@@ -249,14 +272,7 @@ class Router:
             return
         warm = [c for c in self._candidates(pool) if self.cfg.components()[c].tier is Tier.WARM]
         if warm:
-            self._spawn(self._expand(pool, warm[0], load))
-
-    async def _expand(self, pool: Pool, component: str, load: int) -> None:
-        refusal = await self._admit(component)
-        if refusal is not None:
-            log.warning("not expanding '%s' with %s: %s", pool.role, component, refusal)
-            return
-        await self.ensure_started(component, f"expansion: {load} requests on '{pool.role}'")
+            self._admit_and_start(warm[0], f"expansion: {load} requests on '{pool.role}'")
 
     # --- stopping ------------------------------------------------------------
 

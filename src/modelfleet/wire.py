@@ -162,6 +162,10 @@ class Exchange:
     cycle, so the protocol's own callbacks feed it: ``body`` and ``more_body`` as the
     request arrives, ``disconnected`` when the client goes, ``keep_alive`` cleared on
     shutdown, and ``message_event.set()`` (this object) after each of them.
+
+    Unlike uvicorn's cycle it acts on a disconnect before the response begins: the
+    app's task is cancelled, so a request still queued for a slot, or waiting for a
+    whole (non-streamed) answer, stops there and its backend stops working on it.
     """
 
     def __init__(self, protocol: FrontDoorProtocol, app: FastApp, scope: Scope, keep_alive: bool) -> None:
@@ -184,6 +188,10 @@ class Exchange:
         """The protocol's signal: more body, the end of it, or a disconnect."""
         if self.disconnected:
             self._wake()
+            if self.task is not None and not self.response_started:
+                # Gone before the answer began (queued, or the backend still working on a whole
+                # answer): stop waiting for it; the app closes the upstream connection on the way out.
+                self.task.cancel()
         elif self.task is None and (not self.more_body or len(self.body) > self.app.max_body_bytes):
             # The whole request is here (or already too big to accept): hand it to the app.
             self.task = self.protocol.loop.create_task(self._run())
