@@ -13,6 +13,8 @@ server, llama-server router mode with a one-model preset) it measures:
 Load comes from ``wrk`` (Debian package ``wrk``) when installed, else from an aiohttp
 client. The targets are measured in interleaved rounds and the median round is kept,
 because the machine is shared and noisy: compare the ratios, not the absolute numbers.
+Before each measurement the llama-servers are let finish what the previous load level
+left in flight, so no target pays for another's backlog.
 Results go to ``bench/results/proxy_overhead.{json,md}``.
 """
 
@@ -247,10 +249,30 @@ def paired_latency(targets: dict[str, tuple[str, str]], n: int) -> dict[str, dic
     return out
 
 
+def settle(slots_urls: list[str], timeout_s: float = 120.0) -> None:
+    """Wait until no llama-server slot is busy.
+
+    A load generator that stops leaves requests in flight; llama-server finishes
+    non-streamed ones even after their client has gone, and that backlog would
+    land on whichever target is measured next on the same server.
+    """
+    deadline = time.monotonic() + timeout_s
+    for url in slots_urls:
+        while time.monotonic() < deadline:
+            slots = httpx.get(url, timeout=10).json()
+            if not isinstance(slots, list):
+                raise SystemExit(f"{url} did not list slots: {slots}")
+            if not any(s.get("is_processing") for s in slots):
+                break
+            time.sleep(0.25)
+
+
 # --- the run ------------------------------------------------------------------------------
 
 
-def measure(targets: dict[str, tuple[str, str]], seconds: float, rounds: int, work: Path) -> dict[str, Any]:
+def measure(
+    targets: dict[str, tuple[str, str]], seconds: float, rounds: int, work: Path, slots_urls: list[str]
+) -> dict[str, Any]:
     """Interleaved rounds over every target; the median round of each figure is kept."""
     raw: dict[str, dict[str, list[dict[str, float]]]] = {t: {} for t in targets}
     print("paired short requests", file=sys.stderr, flush=True)
@@ -260,8 +282,10 @@ def measure(targets: dict[str, tuple[str, str]], seconds: float, rounds: int, wo
     for r in range(rounds):
         for name, (url, model) in targets.items():
             print(f"round {r + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
+            settle(slots_urls)
             raw[name].setdefault("ttft", []).append(ttft(url, model, 30))
             for c in CONCURRENCY:
+                settle(slots_urls)
                 raw[name].setdefault(f"c{c}", []).append(load(url, model, c, seconds, work))
     return {name: {k: _median_round(v) for k, v in figures.items()} for name, figures in raw.items()}
 
@@ -346,7 +370,8 @@ def main() -> int:
             router_mode(model, args.parallel, args.threads, work) as router,
         ):
             targets = {"direct": (direct, "bench"), "frontdoor": (door, "bench"), "router_mode": (router, "bench")}
-            res = measure(targets, args.seconds, args.rounds, work)
+            slots = [direct + "/slots", router + "/slots?model=bench&autoload=false"]
+            res = measure(targets, args.seconds, args.rounds, work, slots)
     summary = summarize(res)
     meta = {
         "command": "python bench/proxy_overhead.py " + " ".join(sys.argv[1:]),
