@@ -612,6 +612,21 @@ def test_one_connection_mixes_model_routes_other_routes_and_pipelined_requests(
     assert f.status()["m"]["served"] == 5
 
 
+def test_a_large_body_in_small_pieces_is_read_whole(fleet: Callable[..., Fleet], tiny_model: Path) -> None:
+    (a,) = free_ports(1)
+    f = fleet("servers:\n" + srv("m", tiny_model, a, "[m]", ctx_size=8192))
+    port = int(f.url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "m", "tokens": [42] * 40_000}).encode()  # 160 kB: past uvicorn's 64 kB read pause
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        request = _raw_request("/detokenize", body)
+        for i in range(0, len(request), 8192):
+            sock.sendall(request[i : i + 8192])
+        status, _, got = _read_response(sock, bytearray())
+    assert status.startswith(b"HTTP/1.1 200"), got
+    direct = httpx.post(f"http://127.0.0.1:{a}/detokenize", content=body, timeout=30).json()
+    assert json.loads(got) == direct and len(direct["content"]) >= 40_000
+
+
 def test_http_1_0_and_oversized_chunked_bodies_close_the_connection(
     fleet: Callable[..., Fleet], tiny_model: Path
 ) -> None:
