@@ -19,6 +19,7 @@ import pytest
 
 from conftest import StackFactory, free_ports
 from modelfleet.launcher import InstanceSpec
+from modelfleet.logs import rotated
 from modelfleet.router import Router
 from modelfleet.stack import Stack
 
@@ -520,6 +521,24 @@ def test_requests_arriving_together_for_a_stopped_warm_role_admit_and_start_it_o
 
     asyncio.run(main())
     assert admitted == ["w"]
+
+
+def test_the_monitor_rotates_a_running_instance_log(fleet: Callable[..., Fleet], tiny_model: Path) -> None:
+    (a,) = free_ports(1)
+    f = fleet("servers:\n" + srv("m", tiny_model, a, "[m]"), extra="logs: {max_mb: 0.05, keep: 2}\n")
+    log = Path(f.stack.store.read()[f"server_{a}"].log_file)
+    for _ in range(300):
+        if rotated(log, 1).exists():
+            break
+        assert f.chat("m").status_code == 200  # each request logs a few kB at verbosity 4
+    else:
+        raise AssertionError(f"{log} was never rotated")
+    copies = [rotated(log, n).read_bytes() for n in (1, 2) if rotated(log, n).exists()]
+    assert copies[-1].startswith(b"--- modelfleet: starting m")
+    assert not rotated(log, 3).exists()
+    assert f.chat("m").status_code == 200
+    f.wait_for("llama-server to log into the emptied file", lambda: b"srv" in log.read_bytes())
+    assert log.stat().st_size < 1024 * 1024 and b"\0" not in log.read_bytes()
 
 
 # --- the front door's own HTTP/1.1 path (wire.FrontDoorProtocol) -----------------------------

@@ -992,3 +992,11 @@ def test_cli_config_check_missing_file(tmp_path: Path) -> None:
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Error:" in res.stderr
     assert "nope.yaml" in res.stderr
+
+
+def test_logs_section_defaults_and_errors() -> None:
+    cfg = load("servers: {}\n")
+    assert (cfg.logs.max_mb, cfg.logs.keep) == (256.0, 3)
+    assert load("logs: {max_mb: null}\n").logs.max_mb is None
+    msg = config_error("logs: {max_mb: 0, keep: 0, size: 3}\n")
+    assert "logs.max_mb" in msg and "logs.keep" in msg and "logs.size: unknown key" in msg

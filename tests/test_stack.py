@@ -12,7 +12,9 @@ import psutil
 import pytest
 
 from conftest import StackFactory, free_ports
+from modelfleet.config import LogsConfig
 from modelfleet.errors import StartupError, UsageError
+from modelfleet.logs import rotate, rotated
 from modelfleet.stack import Stack, Status
 from modelfleet.state import InstanceRecord, StateStore
 
@@ -306,3 +308,24 @@ def test_reload_right_after_serving_a_stream_rebinds_its_port(make_stack: StackF
         resp.read()  # llama-server closes the connection after a stream: its side lingers in TIME-WAIT
     assert stack.reload("alpha").started == ["alpha"]
     chat(p)
+
+
+def test_log_rotation_keeps_copies_and_empties_in_place(tmp_path: Path) -> None:
+    cfg = LogsConfig(max_mb=1 / 1024, keep=2)  # 1 kB
+    log = tmp_path / "x.log"
+    assert not rotate(log, cfg)  # no file yet
+    with log.open("ab") as writer:  # as a spawned process holds it: append mode, open throughout
+        for run in range(3):
+            writer.write(f"run {run}\n".encode() + b"." * 2000 + b"\n")
+            writer.flush()
+            assert rotate(log, cfg)
+            assert log.stat().st_size == 0
+        writer.write(b"after\n")
+        writer.flush()
+    assert log.read_bytes() == b"after\n"  # the writer's next line lands at the start: no hole
+    assert rotated(log, 1).read_bytes().startswith(b"run 2")
+    assert rotated(log, 2).read_bytes().startswith(b"run 1")
+    assert not rotated(log, 3).exists()  # run 0 was the oldest beyond `keep`
+    assert not rotate(log, cfg)  # under the limit
+    log.write_bytes(b"." * 5000)
+    assert not rotate(log, LogsConfig(max_mb=None))

@@ -198,6 +198,13 @@ class StartConfig(Strict):
     large_model_gb: float = Field(default=4.0, ge=0)
 
 
+class LogsConfig(Strict):
+    """Rotation of every component's log: a copy is kept, then the file is emptied in place."""
+
+    max_mb: float | None = Field(default=256.0, gt=0)  # rotate past this size; null: never
+    keep: int = Field(default=3, ge=1)  # copies kept: <log>.1 (newest) .. <log>.<keep>
+
+
 class MemoryConfig(Strict):
     """The memory budget that ``plan`` prints and ``start`` and WARM admission enforce."""
 
@@ -288,6 +295,7 @@ class StackConfig(Strict):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     start: StartConfig = Field(default_factory=StartConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    logs: LogsConfig = Field(default_factory=LogsConfig)
     hooks: list[HookConfig] | None = None  # None: warm up the embedders, if any; [] = no hooks
 
     # Where the file was read from; relative paths resolve against its folder.

@@ -409,12 +409,14 @@ class Router:
             log.warning("%s out of rotation: %s", b.name, b.detail)
 
     async def monitor(self) -> None:
-        """Forever: sync with the state file, probe, reap idle WARM instances."""
+        """Forever: sync with the state file, probe, reap idle WARM instances, rotate logs."""
         while True:
             try:
                 await self.sync()
                 await self.probe_all()
                 self.reap_idle()
+                for path in await asyncio.to_thread(self.stack.rotate_logs):
+                    log.info("rotated %s (past logs.max_mb)", path)
             except Exception:  # the monitor must outlive any one bad tick
                 log.exception("monitor tick failed")
             await asyncio.sleep(self.cfg.monitor.interval_s)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from modelfleet import health, memory
+from modelfleet import health, logs, memory
 from modelfleet.config import API_COMPONENT, StackConfig, Tier
 from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
 from modelfleet.launcher import BinaryInfo, InstanceSpec, Launcher, LocalLauncher, plan_instances
@@ -201,6 +201,7 @@ class Stack:
             self.store.remove(stale)
 
     def _launch(self, spec: InstanceSpec) -> InstanceRecord:
+        logs.rotate(Path(spec.log_file), self.cfg.logs)
         proc = self.launcher.spawn(spec)
         self._procs[proc.pid] = proc
         try:
@@ -338,6 +339,10 @@ class Stack:
                 return False
             self._start_locked(specs)
             return True
+
+    def rotate_logs(self) -> list[Path]:
+        """Rotate the logs of every running component that are past ``logs.max_mb``."""
+        return logs.rotate_all((rec.log_file for rec in self.store.read().values()), self.cfg.logs)
 
     def reap(self) -> None:
         """Collect exit statuses of children this process started, so none stays a zombie."""
