@@ -170,7 +170,9 @@ class Exchange:
 
     def __init__(self, protocol: FrontDoorProtocol, app: FastApp, scope: Scope, keep_alive: bool) -> None:
         self.protocol, self.app, self.scope, self.keep_alive = protocol, app, scope, keep_alive
-        self.transport = protocol.transport
+        transport = protocol.transport
+        assert isinstance(transport, CoalescingTransport)
+        self.transport = transport
         self.body = bytearray()
         self.more_body = True
         self.disconnected = False
@@ -252,6 +254,9 @@ class Exchange:
                 self.transport.write(frame if more else frame + b"0\r\n\r\n")
             else:
                 self.transport.write(body)
+            # A body write ends what this turn has to say: send it now (with the headers, if
+            # they are still waiting) rather than after the rest of the turn's bookkeeping.
+            self.transport.flush()
             if not more:
                 self._complete()
         else:
