@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -123,14 +122,12 @@ def _from_fleet_error(exc: FleetError) -> ApiError:
 
 
 class FrontDoor:
-    """The ASGI application and what it owns: the Router, the upstream client, the metrics."""
+    """The ASGI application and what it owns: the Router (with the HTTP client), the metrics."""
 
     def __init__(self, cfg: StackConfig, stack: Stack, monitor: bool = True) -> None:
         self.cfg = cfg
         self.stack = stack
         self.run_monitor = monitor
-        self._session: aiohttp.ClientSession | None = None  # the monitor's probes
-        self.client = upstream.Client(connect_timeout=5.0, sock_read=cfg.api.request_timeout_s)
         self.router = Router(cfg, stack)
         # Served by wire.Exchange, uvicorn's request cycle bypassed (see wire.FrontDoorProtocol).
         self.fast_paths = frozenset(path.encode() for path in MODEL_ROUTES)
@@ -159,14 +156,6 @@ class FrontDoor:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0, ttl_dns_cache=None)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies; the jar costs on every request
-        )
-        self.router.session = self._session
         await self.router.adopt()
         monitor = asyncio.create_task(self.router.monitor()) if self.run_monitor else None
         log.info("front door ready on %s:%s", self.cfg.api.host, self.cfg.api.port)
@@ -176,9 +165,7 @@ class FrontDoor:
             if monitor is not None:
                 monitor.cancel()
                 await asyncio.gather(monitor, return_exceptions=True)
-            await self.router.close()
-            await self._session.close()
-            await self.client.close()
+            await self.router.close()  # and its HTTP client
 
     # --- access ------------------------------------------------------------------
 
@@ -289,7 +276,7 @@ class FrontDoor:
             backend = await self._acquire(pool, exclude)
             self.metrics.child(self.metrics.queue_wait, pool.role).observe(time.perf_counter() - t0)
             try:
-                response = await self.client.request(
+                response = await self.router.client.request(
                     incoming.method, backend.reach_host, backend.port, target, headers, incoming.body
                 )
             except TimeoutError as exc:
@@ -505,8 +492,8 @@ class ProxyResponse(Response):
         else:
             self.response.close()  # closing the connection makes llama-server cancel the task
         self.door.router.release(self.backend)
-        # The client's socket is written at the end of this loop turn (wire.CoalescingTransport):
-        # the metrics wait for the turn after, off the response's path.
+        # On uvicorn's path the answer is written at the end of this loop turn
+        # (wire.CoalescingTransport): the metrics wait for the turn after, off the response's path.
         asyncio.get_running_loop().call_soon(self._record, tail, cancelled)
 
     def _observe(self, hist: Any) -> None:

@@ -17,9 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import aiohttp
-
-from modelfleet import hooks, memory, registry
+from modelfleet import hooks, logs, memory, registry, upstream
 from modelfleet.config import ServerConfig, StackConfig, Tier
 from modelfleet.errors import FleetError
 from modelfleet.launcher import InstanceSpec
@@ -61,7 +59,8 @@ class Router:
     ) -> None:
         self.cfg = cfg
         self.stack = stack
-        self.session: aiohttp.ClientSession | None = None  # set by the front door once its loop runs
+        # The one HTTP client of the front door: proxied requests and health probes.
+        self.client = upstream.Client(connect_timeout=5.0, sock_read=cfg.api.request_timeout_s)
         self.clock = clock
         self.admission = admission
         self.counters = Counters()
@@ -321,8 +320,8 @@ class Router:
         await self.sync()
         await self.probe_all()
 
-    async def sync(self) -> None:
-        """Align backend states with the state file: CLI starts and stops, crashes."""
+    async def sync(self) -> dict[str, InstanceRecord]:
+        """Align backend states with the state file: CLI starts and stops, crashes. Returns what it read."""
         await asyncio.to_thread(self.stack.reap)
         records = await asyncio.to_thread(self.stack.store.read)
         for key, b in self.backends.items():
@@ -339,6 +338,7 @@ class Router:
             elif b.state in (BackendState.READY, BackendState.UNHEALTHY):
                 b.state, b.pid, b.detail = BackendState.STOPPED, None, "stopped outside the front door"
         self.dispatch()
+        return records
 
     def _on_crash(self, b: Backend) -> None:
         mon = self.cfg.monitor
@@ -388,13 +388,16 @@ class Router:
 
     async def _probe(self, b: Backend) -> bool:
         spec = self.specs[b.key]
-        assert self.session is not None, "the front door sets the session before probing"
-        timeout = aiohttp.ClientTimeout(total=self.cfg.monitor.probe_timeout_s)
         try:
-            async with self.session.get(b.url + spec.health_path, timeout=timeout) as resp:
-                await resp.read()
+            async with asyncio.timeout(self.cfg.monitor.probe_timeout_s):
+                resp = await self.client.request("GET", b.reach_host, b.port, spec.health_path, {})
+                try:
+                    async for _ in resp.chunks():
+                        pass
+                finally:
+                    resp.release()
                 return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except (upstream.UpstreamError, upstream.BrokenOff, TimeoutError):
             return False
 
     def _probe_result(self, b: Backend, ok: bool) -> None:
@@ -412,10 +415,11 @@ class Router:
         """Forever: sync with the state file, probe, reap idle WARM instances, rotate logs."""
         while True:
             try:
-                await self.sync()
+                records = await self.sync()
                 await self.probe_all()
                 self.reap_idle()
-                for path in await asyncio.to_thread(self.stack.rotate_logs):
+                paths = [rec.log_file for rec in records.values()]
+                for path in await asyncio.to_thread(logs.rotate_all, paths, self.cfg.logs):
                     log.info("rotated %s (past logs.max_mb)", path)
             except Exception:  # the monitor must outlive any one bad tick
                 log.exception("monitor tick failed")
@@ -433,6 +437,7 @@ class Router:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
 
     def snapshot(self) -> dict[str, Any]:
         """Live view for /admin/status, /v1/models and `modelfleet status`."""

@@ -340,10 +340,6 @@ class Stack:
             self._start_locked(specs)
             return True
 
-    def rotate_logs(self) -> list[Path]:
-        """Rotate the logs of every running component that are past ``logs.max_mb``."""
-        return logs.rotate_all((rec.log_file for rec in self.store.read().values()), self.cfg.logs)
-
     def reap(self) -> None:
         """Collect exit statuses of children this process started, so none stays a zombie."""
         for pid, popen in list(self._procs.items()):

@@ -15,6 +15,8 @@ parser directly:
   ``Stale``, so the caller may retry it elsewhere: nothing was answered yet;
 * ``sock_read`` bounds the silence between two arrivals (headers or chunks), one
   timer per request rather than one per chunk.
+
+The monitor's health probes go through the same client.
 """
 
 from __future__ import annotations
