@@ -147,7 +147,9 @@ def test_balancing_spreads_concurrent_requests_over_the_pool(fleet: Callable[...
 
     async def burst() -> list[str]:
         async with httpx.AsyncClient(timeout=60) as client:
-            body = {"model": "pool", "max_tokens": 200, "messages": [{"role": "user", "content": "x"}]}
+            # Every answer runs to max_tokens, so no backend is freed early by a short random answer.
+            messages = [{"role": "user", "content": "x"}]
+            body = {"model": "pool", "max_tokens": 200, "ignore_eos": True, "messages": messages}
             rs = await asyncio.gather(*(client.post(f.url + "/v1/chat/completions", json=body) for _ in range(6)))
         assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
         return [r.json()["model"] for r in rs]
