@@ -45,7 +45,7 @@ import httpx
 
 from modelfleet import provision
 from modelfleet.config import load_config_file
-from modelfleet.launcher import find_llama_server, probe_binary
+from modelfleet.spec import find_llama_server, probe_binary
 from modelfleet.stack import Stack
 from modelfleet.tinymodel import write_tiny_llama
 

@@ -16,10 +16,12 @@ import psutil
 import pytest
 
 from modelfleet import provision
-from modelfleet.config import StackConfig, load_config
-from modelfleet.launcher import BinaryInfo, find_llama_server, probe_binary
+from modelfleet.config import StackConfig, Tier, load_config
+from modelfleet.instance import Kind
+from modelfleet.launcher import LocalLauncher
+from modelfleet.spec import BinaryInfo, find_llama_server, probe_binary
 from modelfleet.stack import Stack
-from modelfleet.state import StateStore
+from modelfleet.state import InstanceRecord, StateStore
 from modelfleet.tinymodel import TinyShape, write_tiny_llama
 
 #: The installed console script, run as a subprocess by the end-to-end tests.
@@ -42,9 +44,47 @@ def cli_stack(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     stack_cli(tmp_path, "stop", "--all")
     for rec in StateStore(tmp_path / "state").read().values():
-        proc = rec.process()
+        proc = process_of(rec)
         if proc is not None:
             proc.kill()
+
+
+LOCAL = LocalLauncher()
+
+
+def process_of(rec: InstanceRecord) -> psutil.Process | None:
+    """The live process a record describes, or None when it is gone or its pid was reused."""
+    return LOCAL.process(rec.handle)
+
+
+def make_record(
+    role: str = "r",
+    pid: int = 1,
+    port: int = 8080,
+    started_at: str = "now",
+    model_path: str | None = None,
+    log_file: str = "log",
+    **more: object,
+) -> InstanceRecord:
+    """A state record for tests: the seed's fields first, the identity filled in."""
+    ident: dict[str, object] = {
+        "component": role,
+        "index": 0,
+        "replicas": 1,
+        "host": "127.0.0.1",
+        "kind": Kind.LLAMA_SERVER,
+        "tier": Tier.HOT,
+        "roles": (role,),
+    }
+    ident.update(more)
+    return InstanceRecord(
+        pid=pid,
+        port=port,
+        started_at=started_at,
+        model_path=model_path,
+        log_file=log_file,
+        **ident,  # type: ignore[arg-type]
+    )
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,12 @@ import httpx
 import psutil
 import pytest
 
-from conftest import StackFactory, free_ports
-from modelfleet.launcher import InstanceSpec
+from conftest import StackFactory, free_ports, process_of
+from modelfleet import memory
+from modelfleet.actions import StackActions
 from modelfleet.logs import rotated
 from modelfleet.router import Router
+from modelfleet.spec import InstanceSpec
 from modelfleet.stack import Stack
 
 FAKES = Path(__file__).parent / "fakes"
@@ -256,7 +258,7 @@ def test_kill_9_of_a_hot_instance_under_load_is_healed(fleet: Callable[..., Flee
     assert len(codes) > 20 and codes.count(200) == len(codes), sorted(set(codes))
     f.wait_for("the restart", lambda: f.status()["rep0"]["restarts"] == 1 and f.status()["rep0"]["state"] == "ready")
     new = f.stack.store.read()[f"server_{a}"]
-    assert new.pid != victim and new.process() is not None
+    assert new.pid != victim and process_of(new) is not None
     assert f.chat("pool").status_code == 200
 
 
@@ -448,37 +450,35 @@ def test_checkpoint_routes_create_list_and_restore_a_config_change(
 ) -> None:
     (a,) = free_ports(1)
     f = fleet("servers:\n" + srv("m", tiny_model, a, "[m]", parallel=1))
-    created = f.post("/admin/checkpoints", {"name": "before_change"})
+    cfg_file = Path(f.stack.cfg.source or "")
+    original = cfg_file.read_text()
+
+    # A checkpoint of a changed config: 2 slots and an alias the running front door does not know.
+    cfg_file.write_text(original.replace("parallel: 1", "parallel: 2") + "aliases: {mm: m}\n")
+    make_stack(cfg_file.read_text(), state_dir=f.stack.store.dir).reload("m")
+    created = f.post("/admin/checkpoints", {"name": "with_alias"})
     assert created.status_code == 201, created.text
     cp_id = created.json()["id"]
     listed = httpx.get(f.url + "/admin/checkpoints", timeout=10).json()["checkpoints"]
     assert [c["id"] for c in listed] == [cp_id] and listed[0]["problems"] == []
 
-    # Change the config on disk and apply it: the server now has 2 slots.
-    cfg_file = Path(f.stack.cfg.source or "")
-    cfg_file.write_text(cfg_file.read_text().replace("parallel: 1", "parallel: 2"))
-    changed = make_stack(cfg_file.read_text(), state_dir=f.stack.store.dir)
-    changed.reload("m")
-    assert httpx.get(f"http://127.0.0.1:{a}/props", timeout=10).json()["total_slots"] == 2
-
-    started = httpx.get(f.url + "/admin/status", timeout=10).json()["front_door"]["started"]
+    # Back to the original on disk, then restore the checkpoint through the front door.
+    cfg_file.write_text(original)
+    make_stack(original, state_dir=f.stack.store.dir).reload("m")
+    assert f.chat("mm").status_code == 404
+    door = httpx.get(f.url + "/admin/status", timeout=10).json()["front_door"]
     restored = f.post(f"/admin/checkpoints/{cp_id}")
     assert restored.status_code == 200, restored.text
     body = restored.json()
     assert body["reloaded"] == ["m"] and body["config_written"] is True
-    assert "parallel: 1" in cfg_file.read_text()
-    assert httpx.get(f"http://127.0.0.1:{a}/props", timeout=10).json()["total_slots"] == 1
+    assert "parallel: 2" in cfg_file.read_text()
+    assert httpx.get(f"http://127.0.0.1:{a}/props", timeout=10).json()["total_slots"] == 2
 
-    # The front door re-executed itself with the restored config and serves again.
-    def back() -> bool:
-        try:
-            view = httpx.get(f.url + "/admin/status", timeout=10).json()
-        except httpx.HTTPError:
-            return False
-        return bool(view["front_door"]["started"] > started and view["instances"][0]["state"] == "ready")
-
-    f.wait_for("the front door to come back with the restored config", back)
-    assert f.chat("m").status_code == 200
+    # Applied in-process: the same front door (no re-exec), the alias routes at once, 2 slots counted.
+    assert httpx.get(f.url + "/admin/status", timeout=10).json()["front_door"] == door
+    assert f.status()["m"]["state"] == "ready" and f.status()["m"]["slots"] == 2
+    resp = f.chat("mm")
+    assert resp.status_code == 200 and resp.json()["model"] == "m"
     assert f.post("/admin/checkpoints/../etc").status_code == 404
     bad = f.post("/admin/checkpoints/nope_20260101_000000")
     assert bad.status_code == 404 and "nope_20260101_000000" in bad.json()["error"]["message"]
@@ -495,7 +495,7 @@ def test_warm_start_that_does_not_fit_in_memory_is_refused_with_the_reason(
     resp = f.chat("big")
     assert resp.status_code == 503 and "retry-after" in resp.headers
     msg = resp.json()["error"]["message"]
-    assert "cannot start big for 'big'" in msg and "available" in msg
+    assert "cannot start big: not enough memory" in msg and "available" in msg
     assert f.status()["big"]["state"] == "stopped" and f"server_{b}" not in f.stack.store.read()
     assert f.chat("main").status_code == 200  # nothing else disturbed
 
@@ -507,18 +507,20 @@ def test_requests_arriving_together_for_a_stopped_warm_role_admit_and_start_it_o
     stack = make_stack("servers:\n" + srv("w", tiny_model, a, "[w]", tier="warm", parallel=4))
     admitted: list[str] = []
 
-    async def admission(spec: InstanceSpec) -> str | None:
-        admitted.append(spec.name)
-        await asyncio.sleep(0.3)  # the requests below all arrive while this one is being decided
-        return None
+    class SlowAdmission(StackActions):
+        async def admit(self, spec: InstanceSpec, idle: Sequence[memory.IdleInstance]) -> memory.Admission:
+            admitted.append(spec.name)
+            await asyncio.sleep(0.3)  # the requests below all arrive while this one is being decided
+            return await super().admit(spec, idle)
 
     async def main() -> None:
-        router = Router(stack.cfg, stack, admission=admission)
+        router = Router(stack.cfg, stack)
+        router.actions = router.capacity.actions = router.supervisor.actions = SlowAdmission(stack, router.client)
         pool = router.resolve("w")
-        backends = await asyncio.gather(*(router.acquire(pool) for _ in range(3)))
-        assert [b.name for b in backends] == ["w"] * 3
-        for b in backends:
-            router.release(b)
+        leases = await asyncio.gather(*(router.lease(pool) for _ in range(3)))
+        assert [lease.instance.name for lease in leases] == ["w"] * 3
+        for lease in leases:
+            lease.release()
         await router.close()
 
     asyncio.run(main())

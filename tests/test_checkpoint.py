@@ -9,11 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import StackFactory, free_ports, stack_cli
+from conftest import StackFactory, free_ports, process_of, stack_cli
 from modelfleet import checkpoint
-from modelfleet.checkpoint import CheckpointError, NoSuchCheckpoint
 from modelfleet.config import load_config_file
-from modelfleet.errors import UsageError
+from modelfleet.errors import CheckpointError, NoSuchCheckpoint, UsageError
 from modelfleet.stack import Stack
 from modelfleet.state import StateStore
 
@@ -62,7 +61,7 @@ def listening(port: int) -> bool:
 
 
 def pids(stack: Stack) -> dict[str, int]:
-    return {r.component: r.pid for r in stack.store.read().values() if r.process() is not None}
+    return {r.component: r.pid for r in stack.store.read().values() if process_of(r) is not None}
 
 
 # --- round trip ------------------------------------------------------------------------
@@ -109,7 +108,7 @@ def test_restore_undoes_a_config_change_and_what_ran(make_stack: StackFactory, t
     assert listening(c) and not listening(b)
     live = pids(reopen(stack))
     assert set(live) == {"alpha", "gamma"}
-    assert all(StateStore(stack.store.dir).read()[f"server_{p}"].process() for p in (a, c))
+    assert all(process_of(StateStore(stack.store.dir).read()[f"server_{p}"]) for p in (a, c))
 
     # Restoring again changes nothing; then the checkpoint can be deleted.
     again = checkpoint.restore(reopen(stack), info.id)

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import MODELFLEET, free_ports
+from conftest import MODELFLEET, free_ports, process_of
 from modelfleet.state import StateStore
 
 
@@ -38,7 +38,7 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
             run("stop", "--all", "--config", str(cfg), "--state-dir", str(d))
             break
     for rec in StateStore(d).read().values():  # belt and braces: nothing may survive
-        proc = rec.process()
+        proc = process_of(rec)
         if proc is not None:
             proc.kill()
 
@@ -101,7 +101,7 @@ def test_concurrent_starts_share_one_stack(tmp_path: Path, state_dir: Path, tiny
     assert all(p.returncode == 0 for p in procs), results
     records = StateStore(state_dir).read()
     assert sorted(r.port for r in records.values()) == sorted([a, b])
-    live = [r for r in records.values() if r.process() is not None]
+    live = [r for r in records.values() if process_of(r) is not None]
     assert len(live) == 2
     # Exactly one process listens on each port: the later commands kept what the first started.
     for port in (a, b):
@@ -164,7 +164,7 @@ def test_dev_stack_config_comes_from_a_file_the_front_door_can_load_but_nothing_
     """Regression: `start --dev` failed with "the front door needs the stack file on disk"."""
     from modelfleet.cli import load_dev_config
     from modelfleet.config import load_config_file
-    from modelfleet.launcher import api_spec
+    from modelfleet.spec import api_spec
 
     cfg = load_dev_config()
     assert cfg.source is not None and Path(cfg.source).is_file()

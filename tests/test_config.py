@@ -24,7 +24,7 @@ from modelfleet.config import (
     load_config_file,
 )
 from modelfleet.errors import BinaryError, ConfigError
-from modelfleet.launcher import BinaryInfo, find_llama_server, server_args
+from modelfleet.spec import BinaryInfo, find_llama_server, server_args
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION = ROOT / "examples" / "production.yaml"

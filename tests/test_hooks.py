@@ -13,9 +13,10 @@ import pytest
 
 from conftest import StackFactory, config_from, free_ports, stack_cli
 from modelfleet import hooks
-from modelfleet.config import HookConfig
-from modelfleet.errors import ConfigError, UsageError
-from modelfleet.hooks import HookError, HookStatus
+from modelfleet.config import HookConfig, Tier
+from modelfleet.errors import ConfigError, HookError, UsageError
+from modelfleet.hooks import HookStatus
+from modelfleet.instance import Kind
 from modelfleet.state import StateStore
 
 # A user hook module: every hook appends what it saw to LOG, one JSON object a line.
@@ -278,7 +279,16 @@ def test_builtin_warmups_send_real_requests(make_stack: StackFactory, tiny_model
 
 def test_builtin_warmup_names_the_instance_that_failed(tmp_path: Path) -> None:
     (port,) = free_ports(1)  # nothing listens there
-    dead = hooks.InstanceView("gen[1]", "gen", 1, "llama-server", f"http://127.0.0.1:{port}", port, (), None, False)
+    dead = hooks.InstanceView(
+        component="gen",
+        index=1,
+        replicas=2,
+        port=port,
+        host="127.0.0.1",
+        kind=Kind.LLAMA_SERVER,
+        tier=Tier.HOT,
+        roles=(),
+    )
     view = hooks.StackView("s", str(tmp_path), "manual", 0.0, (dead,), {}, targets=(dead,))
     res = hooks.run_one(HookConfig(name="w", builtin="generate_warmup", timeout_s=5), view)
     assert res.status is HookStatus.FAILED

@@ -13,23 +13,23 @@ verbosity 4), asserted for every shape below:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+import psutil
 import pytest
 import yaml
 
-from conftest import MODELFLEET, StackFactory, free_ports
+from conftest import LOCAL, MODELFLEET, StackFactory, free_ports, make_record, process_of
 from modelfleet import ggufmeta, memory, tinymodel
 from modelfleet.config import Tier, load_config, load_config_file
 from modelfleet.errors import ConfigError, OverBudget
-from modelfleet.launcher import server_args
+from modelfleet.spec import server_args
 from modelfleet.stack import Stack
-from modelfleet.state import InstanceRecord, StateStore
+from modelfleet.state import StateStore
 from modelfleet.tinymodel import TinyShape, write_tiny_llama
 
 MIB = 1024 * 1024
@@ -471,7 +471,7 @@ def test_start_refuses_an_over_budget_plan_before_starting_anything(tmp_path: Pa
     finally:
         run_cli("stop", "--all", "--config", str(cfg), "--state-dir", str(state))
         for rec in StateStore(state).read().values():
-            if (proc := rec.process()) is not None:
+            if (proc := process_of(rec)) is not None:
                 proc.kill()
 
 
@@ -506,27 +506,27 @@ IDLE = [
 
 def test_admission_fits_without_evicting(tmp_path: Path) -> None:
     stack = admission_stack(tmp_path)
-    a = memory.admit(stack, spec_of(stack, "w1"), IDLE, available_bytes=int(1.5 * GB))
+    a = memory.admit(stack.cfg, stack.store.dir, spec_of(stack, "w1"), IDLE, available_bytes=int(1.5 * GB))
     assert a.verdict is memory.Verdict.FITS and a.evict == () and a.admitted
     assert (a.needed_bytes, a.keep_free_bytes, a.source) == (GB, GB // 2, memory.Source.DECLARED)
 
 
 def test_admission_evicts_idle_warm_instances_least_recently_used_first(tmp_path: Path) -> None:
     stack = admission_stack(tmp_path)
-    a = memory.admit(stack, spec_of(stack, "w1"), IDLE, available_bytes=int(0.9 * GB))
+    a = memory.admit(stack.cfg, stack.store.dir, spec_of(stack, "w1"), IDLE, available_bytes=int(0.9 * GB))
     assert a.verdict is memory.Verdict.FITS_AFTER_EVICTION and a.evict == ("w3",)  # w3 idle longest
-    a = memory.admit(stack, spec_of(stack, "w1"), IDLE, available_bytes=int(0.2 * GB))
+    a = memory.admit(stack.cfg, stack.store.dir, spec_of(stack, "w1"), IDLE, available_bytes=int(0.2 * GB))
     assert a.evict == ("w3", "w2") and a.freed_bytes == 2 * GB
     assert "stopping w3, w2" in a.reason and a.http_status == 200
     # A measured size of the idle instance counts instead of its estimate.
     small = [memory.IdleInstance("w3", "w3", Tier.WARM, 20.0, resident_bytes=GB // 10), *IDLE[2:3]]
-    a = memory.admit(stack, spec_of(stack, "w1"), small, available_bytes=int(1.3 * GB))
+    a = memory.admit(stack.cfg, stack.store.dir, spec_of(stack, "w1"), small, available_bytes=int(1.3 * GB))
     assert a.evict == ("w3", "w2")
 
 
 def test_admission_refuses_with_a_reason_and_never_evicts_hot_or_cold(tmp_path: Path) -> None:
     stack = admission_stack(tmp_path)
-    a = memory.admit(stack, spec_of(stack, "w1"), IDLE[:2], available_bytes=int(1.2 * GB))
+    a = memory.admit(stack.cfg, stack.store.dir, spec_of(stack, "w1"), IDLE[:2], available_bytes=int(1.2 * GB))
     assert a.verdict is memory.Verdict.REFUSED and a.evict == () and not a.admitted
     assert a.http_status == 503
     assert "not enough memory to start w1: it needs 1.0 GB (declared), 1.2 GB is available" in a.reason
@@ -535,7 +535,7 @@ def test_admission_refuses_with_a_reason_and_never_evicts_hot_or_cold(tmp_path: 
         a.raise_if_refused()
     assert info.value.http_status == 503
     small = [memory.IdleInstance(i.name, i.component, i.tier, i.last_request_at, GB // 10) for i in IDLE]
-    a = memory.admit(stack, spec_of(stack, "w1"), small, available_bytes=0)
+    a = memory.admit(stack.cfg, stack.store.dir, spec_of(stack, "w1"), small, available_bytes=0)
     assert a.verdict is memory.Verdict.REFUSED and a.evict == ()
     assert "stopping every idle WARM instance (w3, w2) would free 200.0 MB, still 1.3 GB short" in a.reason
 
@@ -544,17 +544,17 @@ def test_admission_uses_the_measured_size(tmp_path: Path) -> None:
     stack = admission_stack(tmp_path)
     store = memory.MeasurementStore.in_dir(stack.store.dir)
     store.put(memory.measurement_key(stack.cfg, "w1"), "w1", memory.Measurement(3 * GB, {}, "now"))
-    a = memory.admit(stack, spec_of(stack, "w1"), [], available_bytes=2 * GB)
+    a = memory.admit(stack.cfg, stack.store.dir, spec_of(stack, "w1"), [], available_bytes=2 * GB)
     assert a.verdict is memory.Verdict.REFUSED and a.source is memory.Source.MEASURED
     assert a.needed_bytes == 3 * GB
 
 
 def test_recorded_memory_survives_the_state_file(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
-    rec = InstanceRecord("r", 1, 8080, "now", None, "log", extra={"memory": {"estimate_bytes": 5, "measured_bytes": 7}})
+    rec = make_record("r", 1, 8080, "now", None, "log", extra={"memory": {"estimate_bytes": 5, "measured_bytes": 7}})
     store.put(rec)
     assert memory.recorded(store.read()["server_8080"]) == (5, 7)
-    assert memory.recorded(InstanceRecord("r", 1, 8081, "now", None, "log")) == (None, None)
+    assert memory.recorded(make_record("r", 1, 8081, "now", None, "log")) == (None, None)
 
 
 def test_measure_reads_this_run_from_the_end_of_a_long_log(tmp_path: Path) -> None:
@@ -563,6 +563,8 @@ def test_measure_reads_this_run_from_the_end_of_a_long_log(tmp_path: Path) -> No
     log.write_text(old + "x" * (memory.LOG_TAIL_BYTES + 10) + "\n")
     with log.open("a") as fh:
         fh.write(f"{memory.START_MARKER}new\nllama_kv_cache:        CPU KV buffer size =     1.00 MiB\n")
-    m = memory.measure(InstanceRecord("r", os.getpid(), 8080, "now", None, str(log)))
+    me = psutil.Process()
+    rec = make_record("r", me.pid, 8080, "now", None, str(log), create_time=me.create_time())
+    m = memory.measure(LOCAL, rec)
     assert m.buffers == {"kv": MIB} and m.rss_bytes > 0
     assert m.resident_bytes == m.rss_bytes  # this test process is larger than 1 MiB

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from modelfleet import provision
+from modelfleet import paths, provision
 from modelfleet.config import load_config
-from modelfleet.errors import BinaryError
-from modelfleet.launcher import find_llama_server
+from modelfleet.errors import BinaryError, SetupError
+from modelfleet.spec import find_llama_server
 
 AMX_CPU = (
     "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma f16c bmi2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16\n"
@@ -43,8 +43,8 @@ def test_cache_dir_is_overridable_and_versioned(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("MODELFLEET_CACHE_DIR", str(tmp_path))
     binary = provision.cached_llama_server()
     assert binary.parent.parent.parent == tmp_path
-    assert provision.LLAMA_CPP_VERSION in str(binary) and provision.BUILD_RECIPE in str(binary)
-    assert provision.cached_dev_model() == tmp_path / "models" / provision.DEV_MODEL_NAME
+    assert paths.LLAMA_CPP_VERSION in str(binary) and paths.BUILD_RECIPE in str(binary)
+    assert provision.cached_dev_model() == tmp_path / "models" / paths.DEV_MODEL_NAME
 
 
 def _fake_binary(path: Path) -> Path:
@@ -76,3 +76,20 @@ def test_binary_lookup_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     with pytest.raises(BinaryError, match="config 'llama_server' does not exist"):
         find_llama_server(cfg)
     assert os.environ["PATH"] == str(tmp_path / "bin")
+
+
+def test_a_setup_failure_is_a_setup_error_that_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No traceback: an unreachable index, a damaged download or a failed build ends as SetupError."""
+    monkeypatch.setenv("MODELFLEET_CACHE_DIR", str(tmp_path))
+
+    def unreachable(*args: object, **kwargs: object) -> object:
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(provision.urllib.request, "urlopen", unreachable)
+    with pytest.raises(
+        SetupError, match=r"fetching the dev model failed: OSError: .*unreachable.*rerun `modelfleet setup`"
+    ):
+        provision.ensure_dev_model(say=lambda _: None)
+    with pytest.raises(SetupError, match="building llama-server failed") as info:
+        provision.ensure_llama_server(say=lambda _: None)
+    assert info.value.exit_code == 3

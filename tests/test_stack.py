@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import StackFactory, free_ports
+from conftest import StackFactory, free_ports, make_record, process_of
 from modelfleet.config import LogsConfig
 from modelfleet.errors import StartupError, UsageError
 from modelfleet.logs import rotate, rotated
@@ -26,7 +26,7 @@ def server_yaml(model: Path, name: str, port: int, extra: str = "", **fields: ob
 
 
 def live_llama_pids(stack: Stack) -> set[int]:
-    return {r.pid for r in stack.store.read().values() if r.process() is not None}
+    return {r.pid for r in stack.store.read().values() if process_of(r) is not None}
 
 
 def chat(port: int) -> dict[str, object]:
@@ -192,7 +192,7 @@ def test_stale_entries_dead_and_reused_pids(make_stack: StackFactory, tiny_model
             store.put(_fake_record("reused", b, bystander.pid, 123.0))
         stack.start(["reused"])
         rec = stack.store.read()[f"server_{b}"]
-        assert rec.pid != bystander.pid and rec.process() is not None
+        assert rec.pid != bystander.pid and process_of(rec) is not None
         assert bystander.poll() is None
     finally:
         bystander.kill()
@@ -250,7 +250,7 @@ def test_stop_kills_a_process_that_ignores_sigterm(make_stack: StackFactory, tmp
     stack.stop_grace_s = 0.5
     stack.start(["stubborn"])
     (rec,) = stack.store.read().values()
-    assert rec.process() is not None
+    assert process_of(rec) is not None
     stack.stop(["stubborn"])
     assert not psutil.pid_exists(rec.pid) or psutil.Process(rec.pid).status() == psutil.STATUS_ZOMBIE
     assert not _listening(port)
@@ -271,14 +271,13 @@ def test_service_that_exits_early_reports_its_output(make_stack: StackFactory) -
 
 
 def _fake_record(component: str, port: int, pid: int, create_time: float) -> InstanceRecord:
-    return InstanceRecord(
+    return make_record(
         role=component,
         pid=pid,
         port=port,
         started_at="2026-01-28T10:30:00",
         model_path=None,
         log_file="/dev/null",
-        component=component,
         create_time=create_time,
     )
 

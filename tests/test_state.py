@@ -16,8 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import make_record, process_of
 from modelfleet.errors import StateError
-from modelfleet.state import LOCK_FILE, STATE_FILE, InstanceRecord, StateStore, now_iso
+from modelfleet.fileutil import now_iso
+from modelfleet.state import LOCK_FILE, STATE_FILE, InstanceRecord, StateStore
 
 SEED_KEYS = {"role", "pid", "port", "started_at", "model_path", "log_file"}
 
@@ -32,7 +34,7 @@ def record(port: int, **kwargs: object) -> InstanceRecord:
         "log_file": f"/logs/llama-server-{port}.log",
     }
     fields.update(kwargs)
-    return InstanceRecord(**fields)  # type: ignore[arg-type]
+    return make_record(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ def leftover_temp_files(store: StateStore) -> list[Path]:
 
 def test_round_trip_keeps_the_seed_schema(store: StateStore) -> None:
     rec = record(
-        8080, role="frontdoor", component="frontdoor", pid=1234, create_time=1700000000.25, roles=["frontdoor"]
+        8080, role="frontdoor", component="frontdoor", pid=1234, create_time=1700000000.25, roles=("frontdoor",)
     )
     store.write({"server_8080": rec})
 
@@ -196,6 +198,8 @@ WORKER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
+    from modelfleet.config import Tier
+    from modelfleet.instance import Kind
     from modelfleet.state import InstanceRecord, StateStore
 
     state_dir, worker, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -203,8 +207,8 @@ WORKER = textwrap.dedent(
     for i in range(count):
         port = 20000 + worker * 100 + i
         rec = InstanceRecord(
-            role=f"w{worker}", pid=worker, port=port, started_at="now",
-            model_path=None, log_file=f"/logs/{port}.log",
+            component=f"w{worker}", index=0, replicas=1, port=port, host="127.0.0.1", kind=Kind.LLAMA_SERVER,
+            tier=Tier.HOT, roles=(f"w{worker}",), pid=worker + 1, started_at="now", log_file=f"/logs/{port}.log",
         )
         with store.lock(timeout_s=120):
             store.put(rec)
@@ -268,12 +272,12 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
 def test_process_of_a_live_record(sleeper: subprocess.Popen[bytes], store: StateStore) -> None:
     created = psutil.Process(sleeper.pid).create_time()
     rec = record(8080, pid=sleeper.pid, create_time=created)
-    proc = rec.process()
+    proc = process_of(rec)
     assert proc is not None
     assert proc.pid == sleeper.pid
     # The start time survives the JSON round trip.
     store.write({"server_8080": rec})
-    back = store.read()["server_8080"].process()
+    back = process_of(store.read()["server_8080"])
     assert back is not None
     assert back.pid == sleeper.pid
 
@@ -281,7 +285,7 @@ def test_process_of_a_live_record(sleeper: subprocess.Popen[bytes], store: State
 @pytest.mark.parametrize("offset", [-10.0, 1.0, 3600.0])
 def test_reused_pid_is_not_ours(sleeper: subprocess.Popen[bytes], offset: float) -> None:
     created = psutil.Process(sleeper.pid).create_time()
-    assert record(8080, pid=sleeper.pid, create_time=created + offset).process() is None
+    assert process_of(record(8080, pid=sleeper.pid, create_time=created + offset)) is None
 
 
 def test_exited_process_is_gone(sleeper: subprocess.Popen[bytes]) -> None:
@@ -289,7 +293,7 @@ def test_exited_process_is_gone(sleeper: subprocess.Popen[bytes]) -> None:
     rec = record(8080, pid=sleeper.pid, create_time=created)
     sleeper.kill()
     sleeper.wait(timeout=10)
-    assert rec.process() is None
+    assert process_of(rec) is None
 
 
 def test_zombie_is_not_alive(sleeper: subprocess.Popen[bytes]) -> None:
@@ -300,11 +304,11 @@ def test_zombie_is_not_alive(sleeper: subprocess.Popen[bytes]) -> None:
     while psutil.Process(sleeper.pid).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert rec.process() is None
+    assert process_of(rec) is None
 
 
 def test_pid_that_never_existed() -> None:
     pid = 2**22 + 12345  # above the usual pid_max
     while psutil.pid_exists(pid):  # pragma: no cover
         pid += 1
-    assert record(8080, pid=pid, create_time=1.0).process() is None
+    assert process_of(record(8080, pid=pid, create_time=1.0)) is None

@@ -35,12 +35,14 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from modelfleet import checkpoint, registry, upstream
-from modelfleet.config import StackConfig, load_config_file
-from modelfleet.errors import FleetError, NoSuchRole
-from modelfleet.launcher import BinaryInfo, find_llama_server, probe_binary
+from modelfleet.config import StackConfig, Tier, load_config_file
+from modelfleet.errors import ApiError, ConnectFailed, FleetError, Stale, UpstreamError
+from modelfleet.fleet import Lease
+from modelfleet.lifecycle import State
 from modelfleet.metrics import Metrics
-from modelfleet.pool import Backend, BackendState, NoBackend, Pool, QueueFull, QueueTimeout
+from modelfleet.pool import Pool
 from modelfleet.router import Router
+from modelfleet.spec import BinaryInfo, find_llama_server, probe_binary
 from modelfleet.stack import Stack
 from modelfleet.wire import FrontDoorProtocol
 
@@ -79,7 +81,6 @@ HOP_BY_HOP = frozenset(
 FORWARD_HEADERS = ("content-type", "accept")
 _TOKENS = re.compile(rb'"(?:completion_tokens|predicted_n|tokens_predicted)"\s*:\s*(\d+)')
 BAD_KEY = "missing or wrong {which}; send 'Authorization: Bearer <key>'"
-RETRY_AFTER_S = {QueueFull: 1, QueueTimeout: 5, NoBackend: 10}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,33 +93,9 @@ class Incoming:
     body: bytes
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape, saying whether the front door or the backend failed."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str,
-        source: str = "frontdoor",
-        retry_after: int | None = None,
-        headers: Mapping[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.source = status, message, kind, source
-        self.headers = dict(headers or {})
-        if retry_after is not None:
-            self.headers["Retry-After"] = str(retry_after)
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "code": self.status, "source": self.source}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers or None)
-
-
-def _from_fleet_error(exc: FleetError) -> ApiError:
-    kinds = {404: "not_found_error", 429: "rate_limit_error", 503: "unavailable_error", 400: "invalid_request_error"}
-    status = exc.http_status
-    return ApiError(status, str(exc), kinds.get(status, "server_error"), retry_after=RETRY_AFTER_S.get(type(exc)))
+def error_response(exc: FleetError) -> JSONResponse:
+    """The one mapping of an error to an HTTP answer: OpenAI's shape, its status, its headers."""
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
 
 class FrontDoor:
@@ -176,10 +153,8 @@ class FrontDoor:
             try:
                 self._check_key(request.headers, admin)
                 return await handler(request)
-            except ApiError as exc:
-                return exc.response()
             except FleetError as exc:
-                return _from_fleet_error(exc).response()
+                return error_response(exc)
 
         return guarded
 
@@ -194,7 +169,7 @@ class FrontDoor:
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         msg = f"{request.method} {request.url.path}: {exc.detail}"
-        return ApiError(exc.status_code, msg, kind, headers=exc.headers).response()
+        return error_response(ApiError(exc.status_code, msg, kind, headers=exc.headers))
 
     # --- proxy routes --------------------------------------------------------------
 
@@ -217,10 +192,8 @@ class FrontDoor:
             body = await self._read_body(headers, receive)
             incoming = Incoming("POST", scope["query_string"].decode("latin-1"), headers, body)
             return await self._model(incoming, scope["path"])
-        except ApiError as exc:
-            return exc.response()
         except FleetError as exc:
-            return _from_fleet_error(exc).response()
+            return error_response(exc)
 
     async def _model(self, incoming: Incoming, path: str) -> Response:
         payload = _parse_json(incoming.body)
@@ -237,10 +210,7 @@ class FrontDoor:
         return await self.proxy(_incoming(request, body), pool, path, stream=True)
 
     def _pool(self, name: str | None) -> Pool:
-        try:
-            return self.router.resolve(name)
-        except NoSuchRole as exc:
-            raise ApiError(404, str(exc), "not_found_error") from exc
+        return self.router.resolve(name)
 
     def _too_big(self) -> ApiError:
         limit = self.cfg.api.max_body_bytes
@@ -267,49 +237,50 @@ class FrontDoor:
                 return b"".join(chunks)
 
     async def proxy(self, incoming: Incoming, pool: Pool, path: str, stream: bool) -> Response:
-        """Send the request to a backend of the pool; retry once elsewhere if it fails before any byte."""
+        """Send the request to a backend of the pool; retry once elsewhere if it fails before any byte.
+
+        The slot is a lease: released by the response when it ends, or here on any failure before it.
+        """
         t0 = time.perf_counter()
         headers = {k: v for k in FORWARD_HEADERS if (v := incoming.headers.get(k)) is not None}
         target = path + (f"?{incoming.query}" if incoming.query else "")
         exclude: frozenset[str] = frozenset()
         for attempt in (1, 2):
-            backend = await self._acquire(pool, exclude)
+            lease = await self._lease(pool, exclude)
+            backend = lease.instance
             self.metrics.child(self.metrics.queue_wait, pool.role).observe(time.perf_counter() - t0)
             try:
                 response = await self.router.client.request(
                     incoming.method, backend.reach_host, backend.port, target, headers, incoming.body
                 )
-            except TimeoutError as exc:
-                self.router.release(backend)
-                self.metrics.errors.labels(pool.role, "backend").inc()
-                raise ApiError(504, f"{backend.name} did not answer in time", "timeout_error", "backend") from exc
-            except asyncio.CancelledError:
-                # The client left while the backend worked: the closed connection cancels its task there.
-                self.router.release(backend)
-                self.metrics.child(self.metrics.requests, pool.role, backend.name, "499").inc()
-                raise
-            except upstream.UpstreamError as exc:
-                # Refused, or a kept-alive connection the backend had closed: nothing was sent back yet.
-                self.router.release(backend)
-                if isinstance(exc, upstream.ConnectFailed):
+                return ProxyResponse(self, pool, lease, response, t0, keep_alive=not stream)
+            except BaseException as exc:
+                lease.release()
+                if isinstance(exc, asyncio.CancelledError):
+                    # The client left while the backend worked: the closed connection cancels its task there.
+                    self.metrics.child(self.metrics.requests, pool.role, backend.name, "499").inc()
+                    raise
+                if isinstance(exc, ConnectFailed):
                     self.router.report_failure(backend)
-                if attempt == 1:
+                if isinstance(exc, ConnectFailed | Stale) and attempt == 1:
+                    # Refused, or a kept-alive connection the backend had closed: nothing was sent back yet.
                     others = any(b.key != backend.key for b in pool.ready)
                     exclude = frozenset({backend.key}) if others else frozenset()
                     continue
+                if not isinstance(exc, UpstreamError):
+                    raise
                 self.metrics.errors.labels(pool.role, "backend").inc()
                 raise ApiError(
-                    502, f"{backend.name} failed before answering: {exc}", "upstream_error", "backend"
+                    exc.http_status, f"{backend.name} failed before answering: {exc}", source="backend"
                 ) from exc
-            return ProxyResponse(self, pool, backend, response, t0, keep_alive=not stream)
         raise AssertionError("unreachable")
 
-    async def _acquire(self, pool: Pool, exclude: frozenset[str]) -> Backend:
+    async def _lease(self, pool: Pool, exclude: frozenset[str]) -> Lease:
         try:
-            return await self.router.acquire(pool, exclude)
-        except FleetError as exc:
+            return await self.router.lease(pool, exclude)
+        except FleetError:
             self.metrics.errors.labels(pool.role, "frontdoor").inc()
-            raise _from_fleet_error(exc) from exc
+            raise
 
     # --- fleet views ----------------------------------------------------------------
 
@@ -341,10 +312,8 @@ class FrontDoor:
 
     async def ready(self, request: Request) -> Response:
         roles = {role: _pool_state(pool) for role, pool in self.router.pools.items()}
-        hot_roles = {
-            role for role, pool in self.router.pools.items() if any(b.tier.value == "hot" for b in pool.backends)
-        }
-        ok = all(roles[r] == "ready" for r in hot_roles)
+        hot_roles = {role for role, pool in self.router.pools.items() if any(b.tier is Tier.HOT for b in pool.backends)}
+        ok = all(roles[r] == State.READY for r in hot_roles)
         return JSONResponse({"ready": ok, "roles": roles}, status_code=200 if ok else 503)
 
     async def metrics_route(self, request: Request) -> Response:
@@ -355,21 +324,13 @@ class FrontDoor:
 
     async def admin_action(self, request: Request) -> Response:
         action, name = request.path_params["action"], request.path_params["name"]
-        if name not in self.cfg.components():
-            known = ", ".join(self.cfg.components())
-            raise ApiError(404, f"'{name}' is not a server or service of this stack; known: {known}", "not_found_error")
-        backends = [b for b in self.router.backends.values() if b.component == name]
-        if action in ("stop", "reload"):
-            running = [b for b in backends if b.state not in (BackendState.STOPPED, BackendState.FAILED)]
-            await asyncio.gather(*(self.router.drain_and_stop(b, f"admin {action}") for b in running))
-        if action in ("start", "reload"):
-            for b in backends:
-                if b.state is BackendState.FAILED:
-                    b.state = BackendState.STOPPED
-            await self.router.ensure_started(name, f"admin {action}")
-        if action not in ("start", "stop", "reload"):
-            raise ApiError(404, f"unknown admin action '{action}'; use start, stop or reload", "not_found_error")
-        states = {b.name: b.state.value for b in backends}
+        verbs = {"start": self.router.start_component, "stop": self.router.stop_component}
+        verbs["reload"] = self.router.reload_component
+        verb = verbs.get(action)
+        if verb is None:
+            raise ApiError(404, f"unknown admin action '{action}'; use start, stop or reload")
+        instances = await verb(name, f"admin {action}")
+        states = {b.name: b.state.value for b in instances}
         return JSONResponse({"component": name, "action": action, "instances": states})
 
     async def checkpoints(self, request: Request) -> Response:
@@ -387,26 +348,39 @@ class FrontDoor:
         return JSONResponse(dataclasses.asdict(info), status_code=201)
 
     async def checkpoint_one(self, request: Request) -> Response:
-        """POST: restore; DELETE: delete. A restore re-executes the front door with the restored config."""
+        """POST: restore; DELETE: delete. A restore goes through the owner and applies its config in-process."""
         checkpoint_id = request.path_params["id"]
         if request.method == "DELETE":
             path = await asyncio.to_thread(checkpoint.delete, self.stack, checkpoint_id)
             return JSONResponse({"deleted": checkpoint_id, "path": str(path)})
-        report = await asyncio.to_thread(checkpoint.restore, self.stack, checkpoint_id)
+        prepared = await asyncio.to_thread(checkpoint.prepare, self.stack, checkpoint_id)
+        plan, report = prepared.plan, prepared.report
+        self.apply_config(plan.target)
+        report.kept = list(plan.keep)
+        for comp in plan.stop:
+            await self.router.stop_component(comp, f"checkpoint {checkpoint_id}")
+        report.stopped = list(plan.stop)
+        for comp in plan.reload:
+            await self.router.reload_component(comp, f"checkpoint {checkpoint_id}")
+            report.reloaded.append(comp)
+        for comp in plan.start:
+            await self.router.start_component(comp, f"checkpoint {checkpoint_id}")
+            report.started.append(comp)
+        await asyncio.to_thread(checkpoint.finish, prepared)
         body = report.to_json()
         if report.config_written:
-            body["front_door"] = "re-executing to apply the restored config"
-            asyncio.get_running_loop().call_later(0.2, _reexec)
+            body["front_door"] = "applied the restored config in-process"
         return JSONResponse(body)
 
-
-def _reexec() -> None:
-    """Replace this process with a fresh front door on the same pid (the state record stays valid).
-
-    Its children (WARM instances it started) stay its children; it adopts everything again.
-    """
-    log.info("re-executing the front door to apply a new config")
-    os.execv(sys.executable, [sys.executable, "-m", "modelfleet.api", *sys.argv[1:]])
+    def apply_config(self, stack: Stack) -> None:
+        """Serve ``stack``'s config from now on: routing, pools and API settings, with no restart."""
+        self.stack = stack
+        self.cfg = stack.cfg
+        self.max_body_bytes = stack.cfg.api.max_body_bytes
+        self.router.stack = stack
+        if hasattr(self.router.actions, "stack"):
+            self.router.actions.stack = stack
+        self.router.apply_config(stack.cfg)
 
 
 class ProxyResponse(Response):
@@ -420,12 +394,13 @@ class ProxyResponse(Response):
         self,
         door: FrontDoor,
         pool: Pool,
-        backend: Backend,
+        lease: Lease,
         response: upstream.Response,
         t0: float,
         keep_alive: bool,
     ) -> None:
-        self.door, self.pool, self.backend, self.response, self.t0 = door, pool, backend, response, t0
+        self.door, self.pool, self.lease, self.response, self.t0 = door, pool, lease, response, t0
+        self.backend = lease.instance
         # llama-server closes the connection after a stream while advertising keep-alive:
         # such a connection is never put back in the pool.
         self.keep_alive = keep_alive
@@ -433,11 +408,16 @@ class ProxyResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(k.lower(), v) for k, v in self.response.raw_headers if k.lower() not in HOP_BY_HOP]
-        if self.response.arrived:
-            await self._send_whole(send, headers)
-        else:
-            await self._stream(receive, send, headers)
+        try:
+            headers = [(k.lower(), v) for k, v in self.response.raw_headers if k.lower() not in HOP_BY_HOP]
+            if self.response.arrived:
+                await self._send_whole(send, headers)
+            else:
+                await self._stream(receive, send, headers)
+        finally:
+            # However the answer ended; both are no-ops when _finish already did them.
+            self.response.close()
+            self.lease.release()
 
     async def _send_whole(self, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
         """The whole body is already here (a short answer): send it at once, no disconnect watch needed."""
@@ -478,7 +458,7 @@ class ProxyResponse(Response):
             if not gone.is_set():
                 raise
             log.info("client left %s on %s; upstream request cancelled", self.pool.role, self.backend.name)
-        except (upstream.BrokenOff, TimeoutError) as exc:
+        except UpstreamError as exc:
             log.warning("%s broke off mid-response: %r", self.backend.name, exc)
             self.door.metrics.errors.labels(self.pool.role, "backend").inc()
         finally:
@@ -491,7 +471,7 @@ class ProxyResponse(Response):
             self.response.release()
         else:
             self.response.close()  # closing the connection makes llama-server cancel the task
-        self.door.router.release(self.backend)
+        self.lease.release()
         # On uvicorn's path the answer is written at the end of this loop turn
         # (wire.CoalescingTransport): the metrics wait for the turn after, off the response's path.
         asyncio.get_running_loop().call_soon(self._record, tail, cancelled)
@@ -536,7 +516,7 @@ def _pool_state(pool: Pool) -> str:
     if pool.ready:
         return "ready"
     states = {b.state for b in pool.backends}
-    for state in (BackendState.STARTING, BackendState.UNHEALTHY, BackendState.DRAINING, BackendState.FAILED):
+    for state in (State.STARTING, State.BACKOFF, State.EJECTED, State.DRAINING, State.FAILED):
         if state in states:
             return state.value
     return "stopped"

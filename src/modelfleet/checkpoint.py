@@ -41,10 +41,12 @@ import yaml
 
 from modelfleet import hooks
 from modelfleet.config import API_COMPONENT, StackConfig, load_config
-from modelfleet.errors import ConfigError, FleetError, UsageError
-from modelfleet.launcher import BinaryInfo, InstanceSpec, find_llama_server, probe_binary
+from modelfleet.errors import CheckpointError, ConfigError, NoSuchCheckpoint, UsageError
+from modelfleet.fileutil import write_atomic
+from modelfleet.instance import Kind
+from modelfleet.spec import BinaryInfo, InstanceSpec, find_llama_server, probe_binary
 from modelfleet.stack import Stack
-from modelfleet.state import STATE_FILE, InstanceRecord, write_atomic
+from modelfleet.state import STATE_FILE, InstanceRecord
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -55,19 +57,6 @@ SLOT_TIMEOUT_S = 600.0  # saving or restoring a big model's slot writes or reads
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 NAME_RE = re.compile(_NAME)
 ID_RE = re.compile(_NAME + r"_\d{8}_\d{6}")
-
-
-class CheckpointError(FleetError):
-    """A checkpoint is damaged, exists already, or cannot be made or applied."""
-
-    exit_code = 7  # 6 is OverBudget
-    http_status = 409
-
-
-class NoSuchCheckpoint(UsageError):
-    """No checkpoint has that id."""
-
-    http_status = 404
 
 
 @dataclass
@@ -197,7 +186,7 @@ def config_text(cfg: StackConfig) -> str:
 
 def _live_records(stack: Stack) -> list[InstanceRecord]:
     records = sorted(stack.store.read().values(), key=lambda r: r.port)
-    return [r for r in records if r.process() is not None]
+    return [r for r in records if stack.launcher.alive(r.handle)]
 
 
 def _running_entry(rec: InstanceRecord) -> dict[str, Any]:
@@ -230,7 +219,7 @@ def slot_dir_of(rec: InstanceRecord) -> Path | None:
 
 def _has_kv(rec: InstanceRecord) -> bool:
     """Generating llama-servers; an embedder's cache holds nothing worth keeping between requests."""
-    return rec.kind == "llama-server" and "--embeddings" not in rec.argv
+    return rec.kind is Kind.LLAMA_SERVER and "--embeddings" not in rec.argv
 
 
 def _require_slot_save(live: list[InstanceRecord]) -> None:
@@ -373,6 +362,16 @@ class _Plan:
     stop: list[str]
 
 
+@dataclass
+class Prepared:
+    """A checked restore, its config written back, no process touched yet."""
+
+    plan: _Plan
+    path: Path
+    manifest: dict[str, Any]
+    report: RestoreReport
+
+
 def restore(stack: Stack, checkpoint_id: str, run_hooks: bool = True) -> RestoreReport:
     """Bring the stack back to a checkpoint and say what was done.
 
@@ -380,6 +379,14 @@ def restore(stack: Stack, checkpoint_id: str, run_hooks: bool = True) -> Restore
     that no longer validates, or KV slots that cannot be put back are refused and
     nothing is touched. ``stack`` keeps its old config; reload it from the file after.
     """
+    prepared = prepare(stack, checkpoint_id)
+    _apply(prepared.plan.target, prepared.plan, prepared.report)
+    finish(prepared, run_hooks)
+    return prepared.report
+
+
+def prepare(stack: Stack, checkpoint_id: str) -> Prepared:
+    """Check a checkpoint and plan its restore; write its config back. Starts and stops nothing."""
     path = _find(stack.store.dir, checkpoint_id)
     manifest, problems = check(path)
     if problems:
@@ -395,11 +402,15 @@ def restore(stack: Stack, checkpoint_id: str, run_hooks: bool = True) -> Restore
         report.notes.append(
             f"the saved state is in {path / 'state'}; the live state file was kept (it names live pids)"
         )
-    _apply(plan.target, plan, report)
+    return Prepared(plan, path, manifest, report)
+
+
+def finish(prepared: Prepared, run_hooks: bool = True) -> None:
+    """After the plan's starts and stops: the start hooks (if anything started) and the saved slots."""
+    report = prepared.report
     if run_hooks and (report.started or report.reloaded):
-        report.hooks = hooks.run_hooks(plan.target, "start")
-    _restore_kv(plan.target, path, manifest, report)
-    return report
+        report.hooks = hooks.run_hooks(prepared.plan.target, "start")
+    _restore_kv(prepared.plan.target, prepared.path, prepared.manifest, report)
 
 
 def _plan(stack: Stack, path: Path, manifest: dict[str, Any]) -> _Plan:
@@ -430,7 +441,7 @@ def _classify(
     if not mine:
         return "start"
     want = {s.port: s for s in specs if s.component == comp}
-    same_argv = {r.port for r in mine} == set(want) and all(list(want[r.port].argv) == r.argv for r in mine)
+    same_argv = {r.port for r in mine} == set(want) and all(want[r.port].argv == r.argv for r in mine)
     same_cfg = old.components().get(comp) == new.components()[comp]
     return "keep" if same_argv and same_cfg else "reload"
 

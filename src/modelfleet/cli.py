@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -18,13 +20,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from modelfleet import checkpoint, health, hooks, memory, provision, registry
+from modelfleet import checkpoint, health, hooks, memory, paths, provision, registry
 from modelfleet.bench import sweep as bench
 from modelfleet.config import API_COMPONENT, StackConfig, load_config, load_config_file
-from modelfleet.errors import BinaryError, FleetError, OverBudget, StartupError, UsageError
-from modelfleet.launcher import BinaryInfo, find_llama_server, plan_instances, probe_binary
+from modelfleet.errors import BinaryError, CheckpointError, FleetError, OverBudget, StartupError, UsageError
+from modelfleet.instance import local_url
+from modelfleet.lifecycle import State
+from modelfleet.spec import BinaryInfo, find_llama_server, plan_instances, probe_binary
 from modelfleet.stack import Stack, Status, StatusRow
-from modelfleet.state import local_url
 
 ENV_CONFIG = "MODELFLEET_CONFIG"
 ENV_STATE_DIR = "MODELFLEET_STATE_DIR"
@@ -165,9 +168,9 @@ def doctor(as_json: bool, config_path: Path | None) -> None:
         report["llama_server"] = {"path": str(path), "version": info.version, "ready": True}
     except BinaryError as exc:
         report["llama_server"] = {"path": None, "version": None, "ready": False, "problem": str(exc)}
-    model = provision.cached_dev_model()
+    model = paths.cached_dev_model()
     report["dev_model"] = {"path": str(model), "ready": model.is_file()}
-    report["cache_dir"] = str(provision.cache_dir())
+    report["cache_dir"] = str(paths.cache_dir())
     if as_json:
         out.print_json(data=report)
     else:
@@ -226,6 +229,8 @@ def start(
     ignore_memory: bool,
 ) -> None:
     """Start the stack (HOT tier), or the named components. Healthy instances are kept."""
+    # SIGTERM (timeout, systemd, CI) rolls back like Ctrl-C: nothing half-started is left.
+    signal.signal(signal.SIGTERM, _interrupt)
     stack = make_stack(config_path, dev, state_dir, need_binary=True)
     chosen = stack.select(names, hot_only=hot_only, include=include)
     if not chosen:
@@ -242,9 +247,12 @@ def start(
     if not report.started and stack.cfg.effective_hooks():
         err.print("nothing started, so hooks were not rerun; `modelfleet hooks run` reruns them", style="dim")
     _say_hooks(hooks.run_start_hooks(stack, report))
-    rows = stack.status()
-    _merge_front_door_view(stack, rows)
+    rows = _merge_front_door_view(stack, stack.status())
     _print_status(rows, as_json, hooks.read_results(stack.store.dir))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_memory(stack: Stack, chosen: list[str], ignore: bool) -> None:
@@ -314,8 +322,7 @@ def reload(config_path: Path | None, dev: bool, state_dir: Path | None, name: st
 def status(config_path: Path | None, dev: bool, state_dir: Path | None, as_json: bool) -> None:
     """The stack's instances with a live health probe of each."""
     stack = make_stack(config_path, dev, state_dir, need_binary=False)
-    rows = stack.status()
-    _merge_front_door_view(stack, rows)
+    rows = _merge_front_door_view(stack, stack.status())
     _print_status(rows, as_json, hooks.read_results(stack.store.dir))
 
 
@@ -329,24 +336,35 @@ def _bearer(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def _merge_front_door_view(stack: Stack, rows: list[StatusRow]) -> None:
+def _merge_front_door_view(stack: Stack, rows: list[StatusRow]) -> list[StatusRow]:
     """In-flight and queued requests per instance, and FAILED instances, from the front door."""
     door = _front_door(stack, rows)
     if door is None:
-        return
+        return rows
     try:
         admin = _bearer(stack.cfg.api.admin_key or stack.cfg.api.api_key)
         resp = httpx.get(door + "/admin/status", headers=admin, timeout=5.0)
         view = {i["port"]: i for i in resp.json()["instances"]} if resp.status_code == 200 else {}
-    except (httpx.HTTPError, ValueError, KeyError):
-        return
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return rows
+    merged = []
     for row in rows:
         inst = view.get(row.port)
-        if inst is None:
-            continue
-        row.in_flight, row.queued, row.routing = inst["in_flight"], inst["queued"], inst["state"]
-        if inst["state"] == "failed":
-            row.status = Status.FAILED
+        if isinstance(inst, dict):
+            try:
+                state = State(inst["state"])
+                row = dataclasses.replace(
+                    row,
+                    in_flight=int(inst["in_flight"]),
+                    queued=int(inst["queued"]),
+                    routing=state.value,
+                    detail=str(inst.get("detail") or "") or None,
+                    status=Status.FAILED if state is State.FAILED else row.status,
+                )
+            except (KeyError, ValueError, TypeError):
+                pass
+        merged.append(row)
+    return merged
 
 
 @cli.command()
@@ -485,7 +503,7 @@ def _apply_sweep(path: Path, result: bench.SweepResult) -> None:
 
 def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks.HookResult] | None = None) -> None:
     if as_json:
-        instances = [{**asdict(r), "status": r.status.value} for r in rows]
+        instances = [r.to_json() for r in rows]
         out.print_json(data={"instances": instances, "hooks": [h.to_json() for h in hook_results or []]})
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -502,7 +520,7 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
             f"[{color}]{r.status.value}[/]" + (f" ({r.routing})" if r.routing not in (None, "ready") else ""),
             "-" if r.in_flight is None else str(r.in_flight),
             "-" if r.queued is None else str(r.queued),
-            r.tier,
+            r.tier.value,
             "-" if r.estimate_bytes is None else memory.fmt_bytes(r.estimate_bytes),
             "-" if r.measured_bytes is None else memory.fmt_bytes(r.measured_bytes),
             escape(r.model),
@@ -626,7 +644,7 @@ def checkpoint_restore(
         _print_restore(report)
     problems = report.kv_failed + [h.key for h in report.hooks if h.blocking]
     if problems:
-        raise checkpoint.CheckpointError(f"restored {checkpoint_id} only partly: {'; '.join(problems)}")
+        raise CheckpointError(f"restored {checkpoint_id} only partly: {'; '.join(problems)}")
 
 
 def _print_restore(report: checkpoint.RestoreReport) -> None:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelfleet.errors import ConfigError
+from modelfleet.paths import cached_dev_model
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 BUILTIN_DEV_MODEL = "builtin:smollm2-135m-instruct"
@@ -424,8 +425,6 @@ class StackConfig(Strict):
     def resolve_path(self, value: str) -> Path:
         """Expand ``~``, ``$VARS`` and the built-in dev model; resolve against the file's folder."""
         if value == BUILTIN_DEV_MODEL:
-            from modelfleet.provision import cached_dev_model
-
             return cached_dev_model()
         p = Path(os.path.expandvars(value)).expanduser()
         return p if p.is_absolute() else self.base_dir() / p

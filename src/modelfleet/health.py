@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 import httpx
 
@@ -34,19 +33,31 @@ class Health(StrEnum):
     DOWN = "down"  # nothing answers on the port
 
 
+def classify(status: int | None, connected: bool = True) -> Health:
+    """The one reading of a health answer, for the CLI and the front door alike.
+
+    ``status`` is the HTTP status, or None when no answer came (``connected`` False: the
+    connection was refused or dropped; True: it timed out or answered garbage).
+    200 is ready; 503 is llama-server loading its model; anything else is unhealthy.
+    """
+    if status is None:
+        return Health.UNHEALTHY if connected else Health.DOWN
+    if status == 200:
+        return Health.HEALTHY
+    if status == 503:
+        return Health.LOADING
+    return Health.UNHEALTHY
+
+
 def probe(url: str, client: httpx.Client | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> Health:
     """One GET of a health URL, classified."""
     try:
         resp = httpx.get(url, timeout=timeout_s) if client is None else client.get(url, timeout=timeout_s)
     except (httpx.ConnectError, httpx.RemoteProtocolError):
-        return Health.DOWN
+        return classify(None, connected=False)
     except httpx.HTTPError:
-        return Health.UNHEALTHY
-    if resp.status_code == 200:
-        return Health.HEALTHY
-    if resp.status_code == 503:
-        return Health.LOADING
-    return Health.UNHEALTHY
+        return classify(None)
+    return classify(resp.status_code)
 
 
 def probe_many(urls: list[str], timeout_s: float = PROBE_TIMEOUT_S) -> list[Health]:
@@ -68,7 +79,7 @@ class Waiter:
     url: str
     timeout_s: float
     exit_code: Callable[[], int | None]
-    log_file: Path | None = None
+    log_tail: Callable[[], str] = lambda: ""
     started: float = 0.0
     last: Health = Health.DOWN
 
@@ -83,14 +94,14 @@ class Waiter:
         """One step: True when ready; raises when the process exited or time ran out."""
         code = self.exit_code()
         if code is not None:
-            raise StartupError(f"{self.label} exited with code {code} while loading.\n" + log_tail_text(self.log_file))
+            raise StartupError(f"{self.label} exited with code {code} while loading.\n" + self.log_tail())
         self.last = probe(self.url, client, timeout_s=1.0)
         if self.last is Health.HEALTHY:
             return True
         if self.elapsed_s > self.timeout_s:
             raise HealthTimeout(
                 f"{self.label} was not healthy after {self.timeout_s:.0f} s (last: {self.last.value}); "
-                "raise its health_timeout_s or check the log.\n" + log_tail_text(self.log_file)
+                "raise its health_timeout_s or check the log.\n" + self.log_tail()
             )
         return False
 
@@ -112,25 +123,3 @@ def wait_all(
                 if on_progress:
                     on_progress(pending, None)
                 time.sleep(POLL_INTERVAL_S)
-
-
-def log_tail(path: Path | None, lines: int = 15) -> list[str]:
-    """The last lines of a log file (empty if unreadable)."""
-    if path is None:
-        return []
-    try:
-        with path.open("rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - 16384))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    return text.splitlines()[-lines:]
-
-
-def log_tail_text(path: Path | None, lines: int = 15) -> str:
-    tail = log_tail(path, lines)
-    if not tail:
-        return f"(log {path} is empty)" if path else ""
-    return f"last lines of {path}:\n" + "\n".join(f"  | {line}" for line in tail)

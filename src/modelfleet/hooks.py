@@ -34,9 +34,11 @@ from typing import Any, Literal
 import httpx
 
 from modelfleet.config import HookConfig
-from modelfleet.errors import StartupError, StateError, UsageError
+from modelfleet.errors import HookError, HookFailure, StateError, UsageError
+from modelfleet.fileutil import file_lock, now_iso, write_atomic
+from modelfleet.instance import Identity, Kind
 from modelfleet.stack import Stack, StartReport
-from modelfleet.state import InstanceRecord, file_lock, now_iso, write_atomic
+from modelfleet.state import InstanceRecord
 
 HOOKS_FILE = "hooks.json"
 HOOKS_LOCK = "hooks.lock"
@@ -54,27 +56,17 @@ class HookStatus(StrEnum):
     SKIPPED = "skipped"  # none of the components it applies to is running
 
 
-class HookError(StartupError):
-    """A required hook failed; what the start launched has been stopped."""
+@dataclass(frozen=True, kw_only=True)
+class InstanceView(Identity):
+    """One live instance as a hook sees it: its identity (``name``, ``component``, ``index``,
+    ``kind``, ``port``, ``roles``...), its ``url``, its model and whether it embeds."""
 
+    model_path: str | None = None
+    embeddings: bool = False
 
-class HookFailure(Exception):
-    """Raised by a built-in hook; the message names the instances that failed."""
-
-
-@dataclass(frozen=True)
-class InstanceView:
-    """One live instance as a hook sees it."""
-
-    name: str
-    component: str
-    index: int
-    kind: str  # "llama-server" | "service"
-    url: str
-    port: int
-    roles: tuple[str, ...]
-    model_path: str | None
-    embeddings: bool
+    @property
+    def url(self) -> str:
+        return self.base_url
 
 
 @dataclass(frozen=True)
@@ -190,7 +182,7 @@ def run_instance_hooks(stack: Stack, instance_record: InstanceRecord) -> list[Ho
     """
     comp = instance_record.component
     hooks = [h for h in stack.cfg.effective_hooks() if "instance_up" in h.events() and _applies(h, comp)]
-    if not hooks or instance_record.kind == "api":
+    if not hooks or instance_record.kind is Kind.API:
         return []
     view = build_view(stack, "instance_up", instance_record)
     target = next(i for i in view.instances if i.port == instance_record.port)
@@ -253,11 +245,11 @@ def resolve(hook: HookConfig) -> HookFn:
 
 def build_view(stack: Stack, event: Event, extra: InstanceRecord | None = None) -> StackView:
     """The live stack: every recorded instance whose process runs (plus ``extra``), by port."""
-    records = {r.port: r for r in stack.store.read().values() if r.process() is not None}
+    records = {r.port: r for r in stack.store.read().values() if stack.launcher.alive(r.handle)}
     if extra is not None:
         records.setdefault(extra.port, extra)
     live = [records[p] for p in sorted(records)]
-    instances = tuple(instance_view(r) for r in live if r.kind != "api")
+    instances = tuple(instance_view(r) for r in live if r.kind is not Kind.API)
     roles: dict[str, list[str]] = {}
     for inst in instances:
         for role in inst.roles:
@@ -269,22 +261,13 @@ def build_view(stack: Stack, event: Event, extra: InstanceRecord | None = None) 
         timeout_s=0.0,
         instances=instances,
         roles={role: tuple(urls) for role, urls in roles.items()},
-        api_url=next((r.base_url for r in live if r.kind == "api"), None),
+        api_url=next((r.base_url for r in live if r.kind is Kind.API), None),
     )
 
 
 def instance_view(rec: InstanceRecord) -> InstanceView:
-    return InstanceView(
-        name=rec.name,
-        component=rec.component,
-        index=rec.index,
-        kind=rec.kind,
-        url=rec.base_url,
-        port=rec.port,
-        roles=tuple(rec.roles),
-        model_path=rec.model_path,
-        embeddings=rec.kind == "llama-server" and "--embeddings" in rec.argv,
-    )
+    embeds = rec.kind is Kind.LLAMA_SERVER and "--embeddings" in rec.argv
+    return InstanceView.extend(rec, model_path=rec.model_path, embeddings=embeds)
 
 
 def _applies(hook: HookConfig, component: str) -> bool:
@@ -342,7 +325,7 @@ def embed_warmup(view: StackView) -> str:
 
 def generate_warmup(view: StackView) -> str:
     """A one-token ``/completion`` on every generating llama-server among the targets."""
-    targets = [i for i in view.targets if i.kind == "llama-server" and not i.embeddings]
+    targets = [i for i in view.targets if i.kind is Kind.LLAMA_SERVER and not i.embeddings]
     body = {"prompt": WARMUP_TEXT, "n_predict": 1, "cache_prompt": False}
     _fan_out(targets, "/completion", body, view.timeout_s)
     return f"warmed {len(targets)} generation instance(s)"

@@ -1,444 +1,112 @@
-"""Turn a component of the config into running processes.
+"""How instances run: the :class:`Launcher` protocol and the local one.
 
-* :func:`find_llama_server` locates the binary (config, ``$MODELFLEET_LLAMA_SERVER``,
-  PATH, then the project's cache).
-* :func:`probe_binary` reads the flags the binary accepts from ``--help`` once and
-  caches them by binary, so options it can't honour are refused at config time
-  instead of killing a server at start (this llama.cpp removed ``--mlock``,
-  ``--no-mmap`` and ``--draft-max``; passing one is fatal).
-* :func:`plan_instances` builds one :class:`InstanceSpec` (argv, env, log file) per
-  replica; :class:`LocalLauncher` spawns it detached, in its own session, argv only.
+A launcher owns everything process-level about an instance: it spawns the process for
+a spec and hands back a :class:`Handle` (node, pid, kernel start time), and given a
+handle it says whether the process still runs (a reused pid is never taken for ours),
+stops it (SIGTERM to its process group, one shared grace, then SIGKILL), measures its
+resident memory and reads its log. It also answers for its node: is a port free, is a
+program there, how much memory is available. Nothing outside a launcher signals a
+process, asks psutil about one or reads a log file, so another launcher (one that
+places instances on other machines) can stand in for :class:`LocalLauncher`.
+
+The state file records each instance's handle, so a later command or front door,
+through the same kind of launcher, re-adopts the process.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import errno
 import os
-import re
 import shutil
+import signal
+import socket
 import subprocess
-import sys
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from modelfleet import provision
-from modelfleet.config import API_COMPONENT, ServerConfig, ServiceConfig, StackConfig, Tier
-from modelfleet.errors import BinaryError, ConfigError
-from modelfleet.state import instance_key, local_url
+import psutil
 
-ENV_BINARY = "MODELFLEET_LLAMA_SERVER"
-DEFAULT_THREADS_HTTP = 32  # the bundled HTTP pool stalls under connection bursts with the default
+from modelfleet import logs
+from modelfleet.config import LogsConfig
+from modelfleet.errors import StartupError
+from modelfleet.instance import LOCAL_NODE, Handle
+from modelfleet.spec import InstanceSpec
 
-# Removed flags of this llama.cpp and the config key that replaces each.
-_REPLACEMENTS = {
-    "--mlock": "load_mode: mmap+mlock",
-    "--no-mmap": "load_mode: none",
-    "--draft-max": "draft: {max: N}",
-    "--draft-min": "draft: {min: N}",
-    "--draft": "draft: {max: N}",
-    "--lookup": "lookup: ngram-simple (or another ngram-* mode)",
-    "-md": "draft: {model: FILE}",
-    "--model-draft": "draft: {model: FILE}",
-}
+# psutil's create_time is rounded; the same process always gives the same value, but
+# allow a little slack for the float round trip through JSON.
+_CREATE_TIME_SLACK_S = 0.05
+KILL_WAIT_S = 5.0
+LOG_TAIL_BYTES = 16384
 
-
-@dataclass(frozen=True)
-class BinaryInfo:
-    """What a llama-server binary is and which flags it accepts."""
-
-    path: str
-    version: str
-    flags: frozenset[str]
-    removed: dict[str, str] = field(default_factory=dict)
-
-    def accepts(self, flag: str) -> bool:
-        return flag in self.flags
-
-
-def find_llama_server(cfg: StackConfig | None = None) -> Path:
-    """Locate llama-server: config, ``$MODELFLEET_LLAMA_SERVER``, PATH, the project's cache."""
-    tried: list[str] = []
-    candidates: list[tuple[str, Path]] = []
-    if cfg is not None and cfg.llama_server:
-        candidates.append(("config 'llama_server'", cfg.resolve_path(cfg.llama_server)))
-    if os.environ.get(ENV_BINARY):
-        candidates.append((f"${ENV_BINARY}", Path(os.environ[ENV_BINARY]).expanduser()))
-    on_path = shutil.which("llama-server")
-    if on_path:
-        candidates.append(("PATH", Path(on_path)))
-    candidates.append(("cache", provision.cached_llama_server()))
-    for origin, path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        tried.append(f"{origin}: {path}")
-        if origin != "cache" and origin != "PATH":
-            # An explicit choice that does not exist is an error, not a reason to fall through.
-            raise BinaryError(f"llama-server named by {origin} does not exist or is not executable: {path}")
-    raise BinaryError(
-        "llama-server was not found (looked at " + "; ".join(tried) + "). "
-        "Run `modelfleet setup` to build it into the cache, or set $MODELFLEET_LLAMA_SERVER."
-    )
-
-
-def probe_binary(path: Path) -> BinaryInfo:
-    """Flags and version of a binary, from ``--help`` and ``--version``, cached by file identity."""
-    st = path.stat()
-    key = hashlib.sha256(f"{_PROBE_FORMAT}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = provision.cache_dir() / "probes" / f"{key}.json"
-    try:
-        data = json.loads(cache.read_text())
-        return BinaryInfo(str(path), data["version"], frozenset(data["flags"]), dict(data["removed"]))
-    except (OSError, ValueError, KeyError):
-        pass
-    flags, removed = _parse_help(_run_help(path))
-    info = BinaryInfo(str(path), _run_version(path), flags, removed)
-    if not info.flags:
-        raise BinaryError(f"{path} --help printed no flags; is it really llama-server?")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": info.version, "flags": sorted(info.flags), "removed": info.removed}))
-    tmp.replace(cache)
-    return info
-
-
-def _run_help(path: Path) -> str:
-    try:
-        res = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BinaryError(f"cannot run {path} --help: {exc}") from exc
-    return res.stdout + res.stderr
-
-
-def _run_version(path: Path) -> str:
-    try:
-        res = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BinaryError(f"cannot run {path} --version: {exc}") from exc
-    m = re.search(r"version:\s*(.+)", res.stdout + res.stderr)
-    return m.group(1).strip() if m else "unknown"
-
-
-# An entry of --help starts a line: "-np,   --parallel N    description". Its flags are the
-# leading dash-words joined by ", "; what follows a flag without a comma is its argument.
-# Removed flags stay listed, described as "the argument has been removed. use ...", and
-# passing one is fatal, so they count as not accepted.
-_ENTRY = re.compile(r"^(-[^\s,]+(?:,\s+-[^\s,]+)*)(?:\s\S+)?(?:\s{2,}(.*))?$")
-_REMOVED = "the argument has been removed"
-_PROBE_FORMAT = 3  # bump when the parser changes, so stale cached probes are ignored
-
-
-def _parse_help(help_text: str) -> tuple[frozenset[str], dict[str, str]]:
-    """(accepted flags, removed flag -> the binary's own advice)."""
-    flags: set[str] = set()
-    removed: dict[str, str] = {}
-    current: list[str] = []
-    for line in help_text.splitlines():
-        m = _ENTRY.match(line)
-        if m:
-            names = re.split(r",\s+", m.group(1))
-            desc = (m.group(2) or "").strip()
-            current = names if desc.startswith(_REMOVED) else []
-            for n in names:
-                if current:
-                    removed[n] = desc
-                else:
-                    flags.add(n)
-        elif current and line.startswith(" ") and not line.strip().startswith("(env:"):
-            for n in current:
-                removed[n] += " " + line.strip()
-        else:
-            current = []
-    return frozenset(flags), removed
-
-
-# --- instances ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InstanceSpec:
-    """Everything needed to start one process of a component."""
-
-    component: str
-    index: int
-    replicas: int
-    kind: str  # "llama-server" | "service"
-    host: str
-    port: int
-    roles: tuple[str, ...]
-    tier: Tier
-    argv: tuple[str, ...]
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    log_file: str = ""
-    model_path: str | None = None
-    health_path: str = "/health"
-    health_timeout_s: float = 120.0
-    cooldown_s: float = 0.0
-    large: bool = False
-    required_files: tuple[tuple[str, str], ...] = ()  # (key path, file)
-    slot_dir: str | None = None  # --slot-save-path; created before the spawn (llama-server requires it)
-
-    @property
-    def name(self) -> str:
-        """``frontdoor`` for a single instance, ``embedder[2]`` for a replica."""
-        return f"{self.component}[{self.index}]" if self.replicas > 1 else self.component
-
-    @property
-    def key(self) -> str:
-        """The state file key, as in the seed: ``server_8080``."""
-        return instance_key(self.port)
-
-    @property
-    def base_url(self) -> str:
-        return local_url(self.host, self.port)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} (:{self.port})"
-
-
-def plan_instances(
-    cfg: StackConfig, names: Iterable[str], state_dir: Path, binary: BinaryInfo | None
-) -> list[InstanceSpec]:
-    """One spec per replica of each named component, in config order."""
-    wanted = set(names)
-    specs: list[InstanceSpec] = []
-    for name, comp in cfg.components().items():
-        if name not in wanted:
-            continue
-        ports = comp.instance_ports()
-        for i, port in enumerate(ports):
-            if isinstance(comp, ServerConfig):
-                specs.append(_server_spec(cfg, name, comp, i, port, len(ports), state_dir, binary))
-            else:
-                specs.append(_service_spec(cfg, name, comp, i, port, len(ports), state_dir))
-    if API_COMPONENT in wanted and cfg.api.enabled:
-        specs.append(api_spec(cfg, state_dir))
-    return specs
-
-
-def api_spec(cfg: StackConfig, state_dir: Path) -> InstanceSpec:
-    """The front door runs as a component of its stack: ``python -m modelfleet.api``."""
-    if not cfg.source or not Path(cfg.source).is_file():
-        raise ConfigError("the front door needs the stack file on disk; start it with --config FILE (or --dev)")
-    argv = [sys.executable, "-m", "modelfleet.api", "--config", cfg.source, "--state-dir", str(state_dir)]
-    return InstanceSpec(
-        component=API_COMPONENT,
-        index=0,
-        replicas=1,
-        kind="api",
-        host=cfg.api.host,
-        port=cfg.api.port,
-        roles=(),
-        tier=Tier.HOT,
-        argv=tuple(argv),
-        log_file=str(state_dir / "logs" / f"{API_COMPONENT}-{cfg.api.port}.log"),
-        health_path="/health",
-        health_timeout_s=cfg.api.health_timeout_s,
-    )
-
-
-def _server_spec(
-    cfg: StackConfig,
-    name: str,
-    srv: ServerConfig,
-    index: int,
-    port: int,
-    replicas: int,
-    state_dir: Path,
-    binary: BinaryInfo | None,
-) -> InstanceSpec:
-    model = cfg.resolve_path(srv.model)
-    files = [(f"servers.{name}.model", str(model))]
-    if srv.draft:
-        files.append((f"servers.{name}.draft.model", str(cfg.resolve_path(srv.draft.model))))
-    if srv.mmproj:
-        files.append((f"servers.{name}.mmproj", str(cfg.resolve_path(srv.mmproj))))
-    argv = [binary.path if binary else "llama-server", *server_args(cfg, name, srv, port, binary)]
-    slots = slot_save_dir(state_dir, port) if srv.slot_save else None
-    if slots is not None:
-        if binary is not None and not binary.accepts("--slot-save-path"):
-            raise ConfigError(f"servers.{name}.slot_save: {binary.path} does not accept --slot-save-path")
-        argv += ["--slot-save-path", str(slots)]
-    return InstanceSpec(
-        component=name,
-        index=index,
-        replicas=replicas,
-        kind="llama-server",
-        host=srv.host,
-        port=port,
-        roles=tuple(srv.roles),
-        tier=srv.tier,
-        argv=tuple(argv),
-        env=dict(srv.env),
-        log_file=str(state_dir / "logs" / f"llama-server-{port}.log"),
-        model_path=str(model),
-        health_path="/health",
-        health_timeout_s=srv.effective_health_timeout_s(),
-        cooldown_s=srv.cooldown_s,
-        large=_is_large(cfg, srv, model),
-        required_files=tuple(files),
-        slot_dir=str(slots) if slots is not None else None,
-    )
-
-
-def slot_save_dir(state_dir: Path, port: int) -> Path:
-    """Where the instance on ``port`` saves slot KV caches (``POST /slots/{id}?action=save``)."""
-    return state_dir / "slots" / str(port)
-
-
-def _service_spec(
-    cfg: StackConfig, name: str, svc: ServiceConfig, index: int, port: int, replicas: int, state_dir: Path
-) -> InstanceSpec:
-    argv = [a.replace("{port}", str(port)).replace("{host}", svc.host) for a in svc.command]
-    return InstanceSpec(
-        component=name,
-        index=index,
-        replicas=replicas,
-        kind="service",
-        host=svc.host,
-        port=port,
-        roles=tuple(svc.roles),
-        tier=svc.tier,
-        argv=tuple(argv),
-        env=dict(svc.env),
-        cwd=str(cfg.resolve_path(svc.cwd)) if svc.cwd else None,
-        log_file=str(state_dir / "logs" / f"{name}-{port}.log"),
-        model_path=None,
-        health_path=svc.health_path,
-        health_timeout_s=svc.effective_health_timeout_s(),
-        cooldown_s=svc.cooldown_s,
-        large=False,
-    )
-
-
-def _is_large(cfg: StackConfig, srv: ServerConfig, model: Path) -> bool:
-    if srv.large is not None:
-        return srv.large
-    size_gb = srv.ram_gb
-    if size_gb is None:
-        try:
-            size_gb = model.stat().st_size / 1e9
-        except OSError:
-            size_gb = 0.0
-    return size_gb >= cfg.start.large_model_gb
-
-
-def server_args(cfg: StackConfig, name: str, srv: ServerConfig, port: int, binary: BinaryInfo | None) -> list[str]:
-    """The llama-server arguments for one instance (without the binary itself).
-
-    With ``binary`` known, every flag is checked against what it accepts and an
-    option it cannot honour raises ConfigError naming the config key.
-    """
-    args: list[tuple[str, list[str]]] = []  # (config key, tokens)
-
-    def add(key: str, *tokens: str) -> None:
-        args.append((key, list(tokens)))
-
-    add("model", "--model", str(cfg.resolve_path(srv.model)))
-    add("host", "--host", srv.host)
-    add("port", "--port", str(port))
-    add("parallel", "--parallel", str(srv.parallel))
-    add("name", "--alias", name)
-    add("metrics", "--metrics")
-    if binary is None or binary.accepts("--log-colors"):
-        add("log", "--log-colors", "off")
-    if srv.ctx_size is not None:
-        add("ctx_size", "--ctx-size", str(srv.ctx_size))
-    if srv.threads is not None:
-        add("threads", "--threads", str(srv.threads))
-    if srv.threads_http is not None or binary is None or binary.accepts("--threads-http"):
-        add(
-            "threads_http",
-            "--threads-http",
-            str(srv.threads_http or max(DEFAULT_THREADS_HTTP, srv.parallel + 4)),
-        )
-    if srv.batch_size is not None:
-        add("batch_size", "--batch-size", str(srv.batch_size))
-    if srv.load_mode is not None:
-        add("load_mode", "--load-mode", srv.load_mode)
-    spec_types = []
-    if srv.draft is not None:
-        add("draft.model", "--spec-draft-model", str(cfg.resolve_path(srv.draft.model)))
-        add("draft.max", "--spec-draft-n-max", str(srv.draft.max))
-        add("draft.min", "--spec-draft-n-min", str(srv.draft.min))
-        # Without an explicit type the draft is loaded and never used.
-        spec_types.append("draft-simple")
-    if srv.lookup is not None:
-        spec_types.append(srv.lookup)
-    if spec_types:
-        add("draft" if srv.draft else "lookup", "--spec-type", ",".join(spec_types))
-    if srv.moe_active_experts is not None:
-        arch = model_architecture(cfg.resolve_path(srv.model)) or "ARCH"
-        add("moe_active_experts", "--override-kv", f"{arch}.expert_used_count=int:{srv.moe_active_experts}")
-    if srv.mmproj is not None:
-        add("mmproj", "--mmproj", str(cfg.resolve_path(srv.mmproj)))
-    if srv.embeddings is not None:
-        add("embeddings", "--embeddings")
-        if srv.embeddings.pooling:
-            add("embeddings.pooling", "--pooling", srv.embeddings.pooling)
-    if srv.cache_type_k is not None:
-        add("cache_type_k", "--cache-type-k", srv.cache_type_k)
-    if srv.cache_type_v is not None:
-        add("cache_type_v", "--cache-type-v", srv.cache_type_v)
-    if cfg.memory.log_buffers and (binary is None or binary.accepts("--verbosity")):
-        # libllama logs its buffer sizes at INFO, which llama-server shows from verbosity 4 (trace) up.
-        add("memory.log_buffers", "--verbosity", "4")
-    if srv.args:
-        add("args", *srv.args)
-    if binary is not None:
-        _check_flags(name, args, binary)
-    return [tok for _, tokens in args for tok in tokens]
-
-
-def _check_flags(name: str, args: list[tuple[str, list[str]]], binary: BinaryInfo) -> None:
-    errors = []
-    for key, tokens in args:
-        for tok in tokens:
-            if not _looks_like_flag(tok):
-                continue
-            flag = tok.split("=", 1)[0]
-            if binary.accepts(flag):
-                continue
-            hint = _REPLACEMENTS.get(flag)
-            fix = f"; use `{hint}` instead" if hint else "; remove it or upgrade llama-server"
-            why = f" ({binary.removed[flag]})" if flag in binary.removed else ""
-            errors.append(
-                f"servers.{name}.{key}: {flag} is not accepted by {binary.path} (version {binary.version}){why}{fix}"
-            )
-    if errors:
-        raise ConfigError("\n".join(errors))
-
-
-def _looks_like_flag(tok: str) -> bool:
-    return tok.startswith("-") and len(tok) > 1 and not re.fullmatch(r"-[\d.]+", tok)
-
-
-def model_architecture(path: Path) -> str | None:
-    """``general.architecture`` from a GGUF header, or None when the file is absent."""
-    if not path.is_file():
-        return None
-    from modelfleet import ggufmeta
-
-    return ggufmeta.architecture(path)
-
-
-# --- spawning ----------------------------------------------------------------
+Say = Callable[[str], None]
 
 
 class Launcher(Protocol):
-    """Starts a process for a spec; a Ray launcher can place instances on other nodes."""
+    """Runs instances somewhere and answers for their processes."""
 
-    def spawn(self, spec: InstanceSpec) -> subprocess.Popen[bytes]: ...
+    def spawn(self, spec: InstanceSpec) -> Handle:
+        """Start the process (detached, own process group, its log file); raise StartupError if it can't run."""
+        ...
+
+    def alive(self, handle: Handle) -> bool:
+        """True while the process runs (not a zombie, and the pid still belongs to it)."""
+        ...
+
+    def exit_code(self, handle: Handle) -> int | None:
+        """None while it runs; its exit code (or -1 when unknown) once gone."""
+        ...
+
+    def stop(self, handles: Sequence[Handle], grace_s: float, say: Say) -> None:
+        """SIGTERM each process group, one shared deadline, SIGKILL what is left, reap."""
+        ...
+
+    def rss(self, handle: Handle) -> int:
+        """Resident memory of the process and its children, in bytes."""
+        ...
+
+    def read_log(self, handle: Handle, max_bytes: int = LOG_TAIL_BYTES) -> str:
+        """The end of the instance's log (empty when there is none)."""
+        ...
+
+    def port_conflict(self, host: str, port: int) -> str | None:
+        """None if the port can be bound on the node, else a sentence naming who holds it."""
+        ...
+
+    def program_exists(self, program: str, cwd: str | None) -> bool: ...
+
+    def available_bytes(self) -> int:
+        """Memory the node can give a new instance now."""
+        ...
+
+    def total_bytes(self) -> int: ...
+
+    def rotate_logs(self, paths: Sequence[str], cfg: LogsConfig) -> list[str]:
+        """Rotate the logs past their size limit; return the rotated ones."""
+        ...
+
+    def describe_gone(self, handle: Handle) -> str:
+        """Why a recorded process is not ours any more: ``dead`` or ``stale`` (pid reused)."""
+        ...
+
+    def find(self, port: int, argv: Sequence[str]) -> Handle | None:
+        """The process listening on ``port`` if it runs exactly ``argv``: how a damaged record is recognised."""
+        ...
 
 
 class LocalLauncher:
-    """Spawns on this machine: detached session, argv only, one log file per instance."""
+    """Runs instances on this machine: detached sessions, argv only, one log file per instance."""
 
-    def spawn(self, spec: InstanceSpec) -> subprocess.Popen[bytes]:
+    node = LOCAL_NODE
+
+    def __init__(self) -> None:
+        self._children: dict[int, subprocess.Popen[bytes]] = {}  # started by this process: reaped here
+
+    # --- processes ---------------------------------------------------------------
+
+    def spawn(self, spec: InstanceSpec) -> Handle:
         log = Path(spec.log_file)
         log.parent.mkdir(parents=True, exist_ok=True)
         if spec.slot_dir:
@@ -448,7 +116,7 @@ class LocalLauncher:
             out.write(f"--- modelfleet: starting {spec.name}: {' '.join(spec.argv)}\n".encode())
             out.flush()
             try:
-                return subprocess.Popen(
+                proc = subprocess.Popen(
                     list(spec.argv),
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -458,7 +126,208 @@ class LocalLauncher:
                     start_new_session=True,  # own process group: stop signals the whole group
                     close_fds=True,
                 )
-            except OSError as exc:
-                from modelfleet.errors import StartupError
+            except (OSError, ValueError) as exc:
+                why = getattr(exc, "strerror", None) or exc
+                raise StartupError(f"{spec.label}: cannot run {spec.argv[0]}: {why}") from exc
+        self._children[proc.pid] = proc
+        try:
+            create_time = psutil.Process(proc.pid).create_time()
+        except psutil.NoSuchProcess:
+            create_time = 0.0
+        return Handle(self.node, proc.pid, create_time, spec.log_file, spec.label)
 
-                raise StartupError(f"{spec.label}: cannot run {spec.argv[0]}: {exc.strerror or exc}") from exc
+    def process(self, handle: Handle) -> psutil.Process | None:
+        try:
+            proc = psutil.Process(handle.pid)
+            if abs(proc.create_time() - handle.create_time) > _CREATE_TIME_SLACK_S:
+                return None  # same pid, another process: not ours
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                self._reap(handle.pid)
+                return None
+            return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, OverflowError):
+            return None
+
+    def alive(self, handle: Handle) -> bool:
+        return self.process(handle) is not None
+
+    def exit_code(self, handle: Handle) -> int | None:
+        child = self._children.get(handle.pid)
+        if child is not None:
+            code = child.poll()
+            if code is not None:
+                del self._children[handle.pid]
+            return code
+        return None if self.alive(handle) else -1
+
+    def describe_gone(self, handle: Handle) -> str:
+        try:
+            return "stale" if psutil.pid_exists(handle.pid) else "dead"
+        except (ValueError, OverflowError):
+            return "dead"
+
+    def find(self, port: int, argv: Sequence[str]) -> Handle | None:
+        if not argv:
+            return None
+        try:
+            conns = psutil.net_connections(kind="inet")
+        except (psutil.AccessDenied, OSError):
+            return None
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                try:
+                    proc = psutil.Process(c.pid)
+                    if proc.cmdline() == list(argv):
+                        return Handle(self.node, proc.pid, proc.create_time())
+                except psutil.Error:
+                    return None
+        return None
+
+    def reap(self) -> None:
+        """Collect the exit statuses of children that ended, so none stays a zombie."""
+        for pid, child in list(self._children.items()):
+            if child.poll() is not None:
+                del self._children[pid]
+
+    def _reap(self, pid: int) -> None:
+        child = self._children.pop(pid, None)
+        if child is not None:
+            child.poll()
+
+    def stop(self, handles: Sequence[Handle], grace_s: float, say: Say) -> None:
+        live = [(h, p) for h in handles if (p := self.process(h)) is not None]
+        for _, proc in live:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        pending = [(h, p) for h, p in live if not self._gone(p, deadline)]
+        for handle, proc in pending:
+            say(f"{handle.label or proc.pid} (pid {proc.pid}) ignored SIGTERM for {grace_s:g} s; killing it")
+            _signal_group(proc, signal.SIGKILL)
+        for _, proc in pending:
+            self._gone(proc, time.monotonic() + KILL_WAIT_S)
+        for _, proc in live:
+            _signal_group(proc, signal.SIGKILL, leftovers_only=True)
+            self._reap(proc.pid)
+
+    def _gone(self, proc: psutil.Process, deadline: float) -> bool:
+        child = self._children.get(proc.pid)
+        while time.monotonic() < deadline:
+            if child is not None:
+                if child.poll() is not None:
+                    return True
+            else:
+                try:
+                    proc.wait(timeout=0)
+                    return True
+                except psutil.TimeoutExpired:
+                    pass
+                except psutil.NoSuchProcess:
+                    return True
+                if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    # --- measuring and reading -------------------------------------------------------
+
+    def rss(self, handle: Handle) -> int:
+        proc = self.process(handle)
+        if proc is None:
+            raise StartupError(f"{handle.label or handle.pid} is not running")
+        try:
+            total = proc.memory_info().rss
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+        except psutil.Error as exc:
+            raise StartupError(f"cannot measure pid {handle.pid}: {exc}") from exc
+        return int(total)
+
+    def read_log(self, handle: Handle, max_bytes: int = LOG_TAIL_BYTES) -> str:
+        return read_tail(handle.log_file, max_bytes)
+
+    def rotate_logs(self, paths: Sequence[str], cfg: LogsConfig) -> list[str]:
+        return [str(p) for p in logs.rotate_all(paths, cfg)]
+
+    # --- the node ------------------------------------------------------------------------
+
+    def port_conflict(self, host: str, port: int) -> str | None:
+        bind_host = "127.0.0.1" if host in ("localhost", "") else host
+        with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as s:
+            # As llama-server's own listener does: connections it closed linger in TIME-WAIT for a
+            # minute and must not block a restart on the same port; a live listener still does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((bind_host, port))
+                return None
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    return f"  {bind_host}:{port}: cannot bind ({exc.strerror})"
+        return f"  {bind_host}:{port} is in use by {_describe_listener(port)}; stop it or change the port"
+
+    def program_exists(self, program: str, cwd: str | None) -> bool:
+        if "/" in program:
+            p = Path(program)
+            if not p.is_absolute() and cwd:
+                p = Path(cwd) / p
+            return p.is_file() and os.access(p, os.X_OK)
+        return shutil.which(program) is not None
+
+    def available_bytes(self) -> int:
+        return int(psutil.virtual_memory().available)
+
+    def total_bytes(self) -> int:
+        return int(psutil.virtual_memory().total)
+
+
+def read_tail(path: str | Path | None, max_bytes: int = LOG_TAIL_BYTES) -> str:
+    """The end of a local log file, decoded leniently (empty when unreadable)."""
+    if not path:
+        return ""
+    try:
+        with Path(path).open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def tail_text(text: str, path: str, lines: int = 15) -> str:
+    """The last lines of a log's text, quoted for an error message."""
+    tail = text.splitlines()[-lines:]
+    if not tail:
+        return f"(log {path} is empty)" if path else ""
+    return f"last lines of {path}:\n" + "\n".join(f"  | {line}" for line in tail)
+
+
+def _signal_group(proc: psutil.Process, sig: signal.Signals, leftovers_only: bool = False) -> None:
+    """Signal the process group the instance leads (its own session), or just the process."""
+    pid = proc.pid
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        pgid = pid if leftovers_only else -1
+    except PermissionError:
+        return
+    if pgid == pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+    elif not leftovers_only and pgid != -1:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _describe_listener(port: int) -> str:
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except (psutil.AccessDenied, OSError):
+        return "another process"
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            try:
+                p = psutil.Process(c.pid)
+                cmd = " ".join(p.cmdline())[:120] or p.name()
+                return f"pid {c.pid} ({cmd})"
+            except psutil.Error:
+                return f"pid {c.pid}"
+    return "another process"

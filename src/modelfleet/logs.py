@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from modelfleet.config import LogsConfig
-from modelfleet.state import file_lock
+from modelfleet.fileutil import file_lock
 
 
 def rotated(path: Path, n: int) -> Path:

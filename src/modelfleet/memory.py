@@ -29,24 +29,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import psutil
+from typing import Any
 
 from modelfleet import ggufmeta
 from modelfleet.config import ServerConfig, ServiceConfig, StackConfig, Tier
 from modelfleet.errors import FleetError, OverBudget
-from modelfleet.state import InstanceRecord, StateStore, now_iso, write_atomic
-
-if TYPE_CHECKING:
-    from modelfleet.launcher import InstanceSpec
-    from modelfleet.stack import Stack
+from modelfleet.fileutil import now_iso, write_atomic
+from modelfleet.instance import Kind
+from modelfleet.launcher import Launcher, LocalLauncher
+from modelfleet.spec import InstanceSpec
+from modelfleet.state import InstanceRecord, StateStore
 
 GB = 1_000_000_000
 MIB = 1024 * 1024
@@ -307,7 +304,7 @@ class ComponentPlan:
     """A server or service in the plan: one estimate per instance, times its replicas."""
 
     name: str
-    kind: str  # "llama-server" | "service"
+    kind: Kind
     tier: Tier
     replicas: int
     each: Estimate
@@ -459,7 +456,7 @@ def build_plan(
     comps = tuple(
         ComponentPlan(
             name,
-            "llama-server" if isinstance(comp, ServerConfig) else "service",
+            Kind.LLAMA_SERVER if isinstance(comp, ServerConfig) else Kind.SERVICE,
             comp.tier,
             len(comp.instance_ports()),
             estimate_component(cfg, name, store),
@@ -475,7 +472,7 @@ def _total(cfg: StackConfig, total_gb: float | None, machine: int | None) -> tup
         return int(total_gb * GB), "--total-gb"
     if cfg.memory.total_gb is not None:
         return int(cfg.memory.total_gb * GB), "memory.total_gb"
-    return (machine if machine is not None else psutil.virtual_memory().total), "this machine"
+    return (machine if machine is not None else LocalLauncher().total_bytes()), "this machine"
 
 
 def _reserve(cfg: StackConfig, total: int) -> tuple[int, str]:
@@ -643,29 +640,10 @@ def parse_buffer_log(text: str) -> dict[str, int]:
     return out
 
 
-def process_rss(pid: int) -> int:
-    """Resident memory of a process and its children."""
-    proc = psutil.Process(pid)
-    total = proc.memory_info().rss
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            total += child.memory_info().rss
-    return total
-
-
-def measure(rec: InstanceRecord) -> Measurement:
+def measure(launcher: Launcher, rec: InstanceRecord) -> Measurement:
     """RSS now, plus the buffer sizes in the instance's log."""
-    return Measurement(process_rss(rec.pid), parse_buffer_log(_log_tail(Path(rec.log_file))), now_iso())
-
-
-def _log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
-    """The end of a log that may hold many earlier runs; this run's load output is near the end."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - limit))
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return ""
+    handle = rec.handle
+    return Measurement(launcher.rss(handle), parse_buffer_log(launcher.read_log(handle, LOG_TAIL_BYTES)), now_iso())
 
 
 class MeasurementStore:
@@ -722,18 +700,18 @@ def _file_id(path: Path) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def record_ready(cfg: StackConfig, spec: InstanceSpec, rec: InstanceRecord, state: StateStore) -> None:
+def record_ready(cfg: StackConfig, launcher: Launcher, rec: InstanceRecord, state: StateStore) -> None:
     """Measure a ready instance; record it in the state file and the measurements file.
 
     Best effort: a measurement that fails leaves the start alone. Call under the state lock.
     """
-    if spec.component not in cfg.components():
+    if rec.component not in cfg.components():
         return  # the front door itself
     try:
-        m = measure(rec)
-    except (psutil.Error, OSError):
+        m = measure(launcher, rec)
+    except (FleetError, OSError):
         return
-    est = instance_estimate(cfg, spec.component)
+    est = instance_estimate(cfg, rec.component)
     rec.extra["memory"] = {
         "estimate_bytes": est.total_bytes if est else None,
         "estimate_source": est.source.value if est else None,
@@ -744,7 +722,7 @@ def record_ready(cfg: StackConfig, spec: InstanceSpec, rec: InstanceRecord, stat
     }
     state.put(rec)
     with contextlib.suppress(OSError):
-        MeasurementStore.in_dir(state.dir).put(measurement_key(cfg, spec.component), spec.component, m)
+        MeasurementStore.in_dir(state.dir).put(measurement_key(cfg, rec.component), rec.component, m)
 
 
 def recorded(rec: InstanceRecord) -> tuple[int | None, int | None]:
@@ -805,24 +783,24 @@ class Admission:
 
 
 def admit(
-    stack: Stack,
+    cfg: StackConfig,
+    state_dir: Path,
     spec: InstanceSpec,
     idle: Sequence[IdleInstance],
     available_bytes: int | None = None,
 ) -> Admission:
     """May ``spec`` (a WARM instance) start now, possibly after stopping idle WARM instances?
 
-    ``available_bytes`` defaults to ``psutil.virtual_memory().available``. The instance's
+    ``available_bytes`` defaults to what this machine has available now. The instance's
     size is its measured figure, else its estimate; ``memory.min_free_gb`` stays free.
     Only WARM instances in ``idle`` are candidates, least recently used first; HOT and
     COLD ones are never stopped to make room.
     """
-    store = MeasurementStore.in_dir(stack.store.dir)
-    cfg = stack.cfg
+    store = MeasurementStore.in_dir(state_dir)
     est = estimate_component(cfg, spec.component, store) if spec.component in cfg.components() else None
     needed = est.total_bytes if est else 0
     source = est.source if est else Source.UNKNOWN
-    avail = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    avail = LocalLauncher().available_bytes() if available_bytes is None else available_bytes
     base = Admission(Verdict.FITS, spec.name, needed, avail, int(cfg.memory.min_free_gb * GB), source)
     if avail - base.keep_free_bytes >= needed:
         return _fits(base)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from modelfleet.pool import BackendState
+from modelfleet.lifecycle import State
 from modelfleet.router import Router
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -77,8 +77,8 @@ class _LiveCollector(Collector):
             queued.add_metric([role], len(pool.waiting))
             for b in pool.backends:
                 in_flight.add_metric([role, b.name], b.in_flight)
-        for b in r.backends.values():
-            health.add_metric([b.name, b.state.value], 1.0 if b.state is BackendState.READY else 0.0)
+        for b in r.fleet:
+            health.add_metric([b.name, b.state.value], 1.0 if b.state is State.READY else 0.0)
         yield in_flight
         yield queued
         yield health

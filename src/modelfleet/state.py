@@ -1,158 +1,200 @@
 """The JSON state file: which instances this stack started, and how to recognise them.
 
 The schema is the seed's (``server_8080: {role, pid, port, started_at, model_path,
-log_file}``) plus what it takes to never mistake a reused pid for ours: the process
-start time as the kernel reports it (``create_time``). Writes are atomic (tmp file,
-fsync, replace) so a reader never sees half a file, and every read-modify-write
-holds an exclusive lock on ``state.lock`` so concurrent CLI invocations can't lose
-each other's changes.
+log_file}``) plus the instance's identity (component, index, kind, tier, roles, node)
+and what it takes to re-adopt its process from another command or launcher: the
+process start time as the node's kernel reports it (``create_time``), so a reused pid is
+never mistaken for ours. Writes are atomic (:func:`~modelfleet.fileutil.write_atomic`)
+and every read-modify-write holds an exclusive lock on ``state.lock``.
+
+Every entry is checked field by field when read. A malformed entry is never dropped in
+silence (its process would be forgotten): reading fails naming the entry and the field,
+and :meth:`StateStore.read_salvage` (what ``stop --all`` uses) keeps what can still be
+recognised and reports the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import threading
-import time
+import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from modelfleet.config import Tier
 from modelfleet.errors import StateError
+from modelfleet.fileutil import file_lock, write_atomic
+from modelfleet.instance import IDENTITY_FIELDS, Handle, Identity, Kind
 
 STATE_FILE = "orchestrator_state.json"
 LOCK_FILE = "state.lock"
-# psutil's create_time is rounded; the same process always gives the same value, but
-# allow a little slack for the float round trip through JSON.
-_CREATE_TIME_SLACK_S = 0.05
+MAX_ENTRY_PROBLEMS = 20
 
 
-@dataclass
-class InstanceRecord:
-    """One running instance, as stored in the state file."""
+@dataclass(frozen=True, kw_only=True)
+class InstanceRecord(Identity):
+    """One running instance, as stored in the state file: its identity and its process."""
 
-    role: str
     pid: int
-    port: int
     started_at: str
-    model_path: str | None
     log_file: str
-    component: str = ""
-    index: int = 0
-    replicas: int = 1
-    kind: str = "llama-server"
-    host: str = "127.0.0.1"
-    roles: list[str] = field(default_factory=list)
-    tier: str = "hot"
-    create_time: float = 0.0
-    argv: list[str] = field(default_factory=list)
+    model_path: str | None = None
+    create_time: float = 0.0  # the kernel's process start time: a reused pid is not ours
+    argv: tuple[str, ...] = ()
     health_path: str = "/health"
     stopping: bool = False  # set before a stop signals it: its exit is not a crash
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def name(self) -> str:
-        return f"{self.component}[{self.index}]" if self.replicas > 1 else self.component
+    def handle(self) -> Handle:
+        return Handle(self.node, self.pid, self.create_time, self.log_file, self.label)
 
     @property
-    def key(self) -> str:
-        return instance_key(self.port)
+    def role(self) -> str:
+        """The seed's single role field: the first role served (or the component)."""
+        return self.roles[0] if self.roles else self.component
 
-    @property
-    def base_url(self) -> str:
-        return local_url(self.host, self.port)
+    def to_json(self) -> dict[str, Any]:
+        head = {"role": self.role, "pid": self.pid, "port": self.port, "started_at": self.started_at}
+        head |= {"model_path": self.model_path, "log_file": self.log_file}
+        rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in head}
+        rest |= {"kind": self.kind.value, "tier": self.tier.value, "roles": list(self.roles), "argv": list(self.argv)}
+        return head | rest
 
     @classmethod
-    def from_json(cls, key: str, data: dict[str, Any]) -> InstanceRecord:
-        known = {f.name for f in fields(cls)}
+    def from_json(cls, key: str, data: object, lax: bool = False) -> InstanceRecord:
+        """Check every field; raise StateError naming the entry and each field at fault.
+
+        ``lax`` accepts numbers written as strings (``"8080"``), for salvaging.
+        """
+        if not isinstance(data, dict):
+            raise StateError(f"state entry {key} is not an object (it is {type(data).__name__})")
+        problems: list[str] = []
+        values = _fields_of(data, problems, lax)
+        if not problems and "component" not in values:
+            values["component"] = data.get("role") if isinstance(data.get("role"), str) else None
+            if values["component"] is None:
+                problems.append("component: missing (and no role to take it from)")
+        if not problems and key != f"server_{values['port']}":
+            problems.append(f"port: {values['port']} does not match the entry's key {key}")
+        if problems:
+            listed = "; ".join(problems[:MAX_ENTRY_PROBLEMS])
+            raise StateError(f"state entry {key} is malformed: {listed}")
+        return cls(**values)
+
+
+def _fields_of(data: dict[str, Any], problems: list[str], lax: bool) -> dict[str, Any]:
+    """The record's fields from JSON, each checked against its type."""
+    out: dict[str, Any] = {}
+
+    def take(name: str, check: Any, required: bool = True) -> None:
+        if name not in data:
+            if required:
+                problems.append(f"{name}: missing")
+            return
         try:
-            rec = cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise StateError(
-                f"state entry {key} is malformed ({exc}); remove it or run `modelfleet stop --all`"
-            ) from exc
-        if not rec.component:
-            rec.component = rec.role
-        return rec
+            out[name] = check(data[name])
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{name}: {exc} (got {_short(data[name])})")
 
-    def process(self) -> psutil.Process | None:
-        """The live process this record describes, or None if it is gone or the pid was reused."""
-        try:
-            proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > _CREATE_TIME_SLACK_S:
-                return None  # same pid, another process: not ours
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` so that a reader sees the old file or the new one, never half of one.
-
-    Written to a temp file beside it (unique per process and thread), fsynced, renamed over
-    it, and the folder fsynced so the rename survives a crash.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    take("pid", lambda v: _int(v, lax, lo=1))
+    take("port", lambda v: _int(v, lax, lo=1, hi=65535))
+    take("started_at", _str)
+    take("log_file", _str)
+    take("model_path", lambda v: None if v is None else _str(v), required=False)
+    take("create_time", lambda v: _float(v, lax), required=False)
+    take("component", _str, required=False)
+    take("index", lambda v: _int(v, lax, lo=0), required=False)
+    take("replicas", lambda v: _int(v, lax, lo=1), required=False)
+    take("host", _str, required=False)
+    take("node", _str, required=False)
+    take("kind", Kind, required=False)
+    take("tier", Tier, required=False)
+    take("roles", lambda v: tuple(_str(x) for x in _list(v)), required=False)
+    take("argv", lambda v: tuple(_str(x) for x in _list(v)), required=False)
+    take("health_path", _str, required=False)
+    take("stopping", _bool, required=False)
+    take("extra", _dict, required=False)
+    out.setdefault("index", 0)
+    out.setdefault("replicas", 1)
+    out.setdefault("host", "127.0.0.1")
+    out.setdefault("kind", Kind.LLAMA_SERVER)
+    out.setdefault("tier", Tier.HOT)
+    out.setdefault("roles", ())
+    return {k: v for k, v in out.items() if k in IDENTITY_FIELDS or k in _RECORD_FIELDS}
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, timeout_s: float) -> Iterator[None]:
-    """An exclusive lock on ``path`` across processes (and threads: each call opens its own fd).
-
-    Closing the fd releases it, so a crashed holder never leaves it locked.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StateError(f"another modelfleet command holds {path}; wait for it to finish") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)
+_RECORD_FIELDS = frozenset(f.name for f in fields(InstanceRecord))
 
 
-def instance_key(port: int) -> str:
-    """The state file key of the instance on ``port``, as in the seed: ``server_8080``."""
-    return f"server_{port}"
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
-def local_host(host: str) -> str:
-    """How this machine reaches a service bound to ``host``: a wildcard bind is reached on loopback."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+def _int(v: object, lax: bool, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, str) and lax and v.strip().isascii() and v.strip().isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError("must be an integer")
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"must be between {lo} and {hi}" if hi is not None else f"must be at least {lo}")
+    return v
 
 
-def local_url(host: str, port: int) -> str:
-    return f"http://{local_host(host)}:{port}"
+def _float(v: object, lax: bool) -> float:
+    if isinstance(v, str) and lax:
+        v = float(v)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+        raise TypeError("must be a non-negative number")
+    return float(v)
 
 
-def now_iso() -> str:
-    return datetime.now().isoformat(timespec="seconds")
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError("must be a string")
+    return v
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("must be true or false")
+    return v
+
+
+def _list(v: object) -> list[Any]:
+    if not isinstance(v, list):
+        raise TypeError("must be a list")
+    return v
+
+
+def _dict(v: object) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise TypeError("must be an object")
+    return v
+
+
+@dataclass
+class Salvage:
+    """What ``read_salvage`` could recognise, and the entries it could not."""
+
+    records: dict[str, InstanceRecord]
+    unreadable: dict[str, str]  # key -> why, with the raw pid when one can be seen
+    raw: dict[str, Any] = field(default_factory=dict)  # the unreadable entries as they are
+
+    def clues(self, key: str) -> tuple[int | None, list[str]]:
+        """(port, argv) of an unreadable entry, where they can still be read: enough to find its process."""
+        entry = self.raw.get(key)
+        if not isinstance(entry, dict):
+            return None, []
+        port, argv = entry.get("port"), entry.get("argv")
+        if isinstance(port, str) and port.isascii() and port.isdigit():
+            port = int(port)
+        args = [a for a in argv if isinstance(a, str)] if isinstance(argv, list) else []
+        good_port = port if isinstance(port, int) and not isinstance(port, bool) else None
+        return good_port, args if isinstance(argv, list) and len(args) == len(argv) else []
 
 
 class StateStore:
@@ -169,24 +211,52 @@ class StateStore:
         except OSError as exc:
             raise StateError(f"cannot create state directory {self.dir}: {exc.strerror or exc}") from exc
 
-    def read(self) -> dict[str, InstanceRecord]:
-        """Every record, by key. A missing file is an empty stack."""
+    def _raw(self) -> dict[str, Any]:
         try:
             raw = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             raise StateError(
-                f"state file {self.path} is unreadable ({exc}); move it aside and stop strays by pid"
+                f"state file {self.path} is unreadable ({str(exc)[:200]}); move it aside, "
+                "then stop what it started by pid (`ps`, `kill PID`)"
             ) from exc
         if not isinstance(raw, dict):
-            raise StateError(f"state file {self.path} does not hold a JSON object")
-        return {k: InstanceRecord.from_json(k, v) for k, v in raw.items() if isinstance(v, dict)}
+            raise StateError(
+                f"state file {self.path} does not hold a JSON object; move it aside and stop strays by pid"
+            )
+        return raw
+
+    def read(self) -> dict[str, InstanceRecord]:
+        """Every record, by key. A missing file is an empty stack; a malformed entry is an error."""
+        salvage = self.read_salvage(lax=False)
+        if salvage.unreadable:
+            listed = "\n".join(f"  {why}" for why in salvage.unreadable.values())
+            raise StateError(
+                f"state file {self.path} has {len(salvage.unreadable)} malformed entr"
+                f"{'y' if len(salvage.unreadable) == 1 else 'ies'}:\n{listed}\n"
+                "Run `modelfleet stop --all` to stop every instance it can still recognise and drop the rest, "
+                "or fix the entry by hand."
+            )
+        return salvage.records
+
+    def read_salvage(self, lax: bool = True) -> Salvage:
+        """The records that can be recognised (``lax``: numbers written as strings too), and why not the rest."""
+        salvage = Salvage({}, {})
+        for key, data in self._raw().items():
+            try:
+                salvage.records[key] = InstanceRecord.from_json(key, data, lax=lax)
+            except StateError as exc:
+                pid = data.get("pid") if isinstance(data, dict) else None
+                seen = f" (recorded pid: {_short(pid)})" if pid is not None else ""
+                salvage.unreadable[key] = f"{exc}{seen}"
+                salvage.raw[key] = data
+        return salvage
 
     def write(self, records: dict[str, InstanceRecord]) -> None:
         """Replace the file atomically."""
         self.ensure()
-        data = {k: asdict(r) for k, r in sorted(records.items(), key=lambda kv: kv[1].port)}
+        data = {k: r.to_json() for k, r in sorted(records.items(), key=lambda kv: kv[1].port)}
         write_atomic(self.path, json.dumps(data, indent=2) + "\n")
 
     @contextlib.contextmanager
@@ -196,15 +266,20 @@ class StateStore:
         with file_lock(self.dir / LOCK_FILE, timeout_s):
             yield
 
-    def put(self, rec: InstanceRecord) -> None:
-        """Add or replace one record (call under :meth:`lock`)."""
-        records = self.read()
-        records[rec.key] = rec
-        self.write(records)
+    def put(self, *records: InstanceRecord) -> None:
+        """Add or replace records (call under :meth:`lock`); other entries are kept as they are."""
+        raw = self._raw()
+        for rec in records:
+            raw[rec.key] = rec.to_json()
+        self._write_raw(raw)
 
     def remove(self, keys: list[str]) -> None:
-        """Drop records (call under :meth:`lock`)."""
-        records = self.read()
+        """Drop records (call under :meth:`lock`); malformed entries of other keys are kept as they are."""
+        raw = self._raw()
         for k in keys:
-            records.pop(k, None)
-        self.write(records)
+            raw.pop(k, None)
+        self._write_raw(raw)
+
+    def _write_raw(self, raw: dict[str, Any]) -> None:
+        self.ensure()
+        write_atomic(self.path, json.dumps(raw, indent=2) + "\n")

@@ -27,24 +27,12 @@ from collections.abc import AsyncIterator, Mapping
 
 import httptools
 
+from modelfleet.errors import BrokenOff, ConnectFailed, Stale, UpstreamError, UpstreamTimeout
+
+__all__ = ["BrokenOff", "Client", "ConnectFailed", "Response", "Stale", "UpstreamError", "UpstreamTimeout"]
+
 HIGH_WATER = 1 << 20  # bytes queued for a slow reader before the socket is paused
 MAX_IDLE_PER_HOST = 64
-
-
-class UpstreamError(Exception):
-    """The request failed before any byte of a response arrived (nothing was answered)."""
-
-
-class ConnectFailed(UpstreamError):
-    """The backend refused the connection or did not accept it in time."""
-
-
-class Stale(UpstreamError):
-    """The connection closed before a response began: a kept-alive one the server had dropped, or a crash."""
-
-
-class BrokenOff(Exception):
-    """The response stopped before its end (the connection closed or the body was malformed)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -181,7 +169,7 @@ class Response:
             return
         due = self.last_arrival + self._sock_read
         if self.conn.loop.time() >= due:
-            self._fail(TimeoutError(f"no data from the backend for {self._sock_read:g} s"))
+            self._fail(UpstreamTimeout(f"no data from the backend for {self._sock_read:g} s"))
         else:
             self._arm()
 
@@ -298,7 +286,7 @@ class Client:
         """Send a request; return once the status line and headers have arrived.
 
         Raises ``ConnectFailed`` or ``Stale`` (nothing was answered: safe to retry
-        elsewhere), ``TimeoutError`` when the backend stays silent past ``sock_read``.
+        elsewhere), ``UpstreamTimeout`` when the backend stays silent past ``sock_read``.
         """
         key = (host, port)
         conn = await self._connection(key)

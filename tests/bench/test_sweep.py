@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import MODELFLEET, StackFactory, free_ports
+from conftest import MODELFLEET, StackFactory, free_ports, process_of
 from modelfleet.bench.sweep import (
     CSV_COLUMNS,
     PLOT_MISSING,
@@ -46,7 +46,8 @@ from modelfleet.bench.sweep import (
 )
 from modelfleet.config import load_config
 from modelfleet.errors import ConfigError, UsageError
-from modelfleet.launcher import InstanceSpec, LocalLauncher
+from modelfleet.launcher import LocalLauncher
+from modelfleet.spec import InstanceSpec
 
 
 def lv(parallel: int, tps: float, p95_s: float, **kw: object) -> LevelStats:
@@ -397,7 +398,7 @@ def test_a_running_server_is_restored_to_its_configured_slots(
 
     assert result.restored.startswith("restarted with its configured parallel 2")
     after = stack.store.read()[f"server_{port}"]
-    assert after.pid != before.pid and after.process() is not None
+    assert after.pid != before.pid and process_of(after) is not None
     assert after.argv == before.argv  # --parallel 2 --ctx-size 1024, as configured
     assert httpx.get(f"http://127.0.0.1:{port}/props", timeout=10).json()["total_slots"] == 2
 

@@ -728,7 +728,7 @@ class Sweep:
 
     def _running(self) -> bool:
         records = self.stack.store.read().values()
-        return any(r.component == self.plan.server and r.process() is not None for r in records)
+        return any(r.component == self.plan.server and self.stack.launcher.alive(r.handle) for r in records)
 
     def _restore(self, was_running: bool) -> str:
         name = self.plan.server

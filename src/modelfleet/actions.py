@@ -1,0 +1,112 @@
+"""What the front door's collaborators ask of the world outside the event loop.
+
+:class:`Actions` is every blocking or remote thing the owner of instance state needs:
+start and stop processes, read the state file, probe an instance, run its hooks, ask
+whether a WARM start fits in memory. :class:`StackActions` does it with a
+:class:`~modelfleet.stack.Stack` (in worker threads) and the front door's HTTP client;
+the unit tests of :mod:`~modelfleet.capacity` and :mod:`~modelfleet.supervisor` give a
+fake that starts nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol
+
+from modelfleet import health, hooks, memory, upstream
+from modelfleet.errors import UpstreamError
+from modelfleet.fleet import Instance
+from modelfleet.instance import Handle
+from modelfleet.spec import InstanceSpec
+from modelfleet.stack import Stack
+from modelfleet.state import InstanceRecord
+
+
+class Actions(Protocol):
+    async def start(self, keys: Sequence[str]) -> dict[str, Handle]:
+        """Start these instances and wait until they are healthy; raise FleetError if one can't."""
+        ...
+
+    async def stop(self, keys: Sequence[str]) -> None: ...
+
+    async def restart(self, key: str) -> Handle | None:
+        """Start a crashed instance again; None if it was stopped on purpose meanwhile. Raises FleetError."""
+        ...
+
+    async def records(self) -> dict[str, InstanceRecord]:
+        """What the state file says runs (crashed processes included; ``alive`` tells)."""
+        ...
+
+    def alive(self, handle: Handle) -> bool: ...
+
+    async def probe(self, inst: Instance, timeout_s: float) -> health.Health: ...
+
+    async def instance_hooks(self, key: str) -> str | None:
+        """Run the instance_up hooks of an instance that came up; the reason it must not serve, or None."""
+        ...
+
+    async def admit(self, spec: InstanceSpec, idle: Sequence[memory.IdleInstance]) -> memory.Admission: ...
+
+    async def housekeeping(self, records: dict[str, InstanceRecord]) -> None:
+        """Periodic chores on what runs (log rotation)."""
+        ...
+
+
+class StackActions:
+    """Actions carried out by a Stack (its launcher, its state file) and the front door's HTTP client."""
+
+    def __init__(self, stack: Stack, client: upstream.Client) -> None:
+        self.stack = stack
+        self.client = client
+
+    async def start(self, keys: Sequence[str]) -> dict[str, Handle]:
+        await asyncio.to_thread(self.stack.start_instances, keys)
+        records = await self.records()
+        return {k: records[k].handle for k in keys if k in records}
+
+    async def stop(self, keys: Sequence[str]) -> None:
+        await asyncio.to_thread(self.stack.stop_instances, keys)
+
+    async def restart(self, key: str) -> Handle | None:
+        if not await asyncio.to_thread(self.stack.restart_crashed, key):
+            return None
+        rec = (await self.records()).get(key)
+        return rec.handle if rec else None
+
+    async def records(self) -> dict[str, InstanceRecord]:
+        await asyncio.to_thread(self.stack.reap)
+        return await asyncio.to_thread(self.stack.store.read)
+
+    def alive(self, handle: Handle) -> bool:
+        return self.stack.launcher.alive(handle)
+
+    async def probe(self, inst: Instance, timeout_s: float) -> health.Health:
+        try:
+            async with asyncio.timeout(timeout_s):
+                resp = await self.client.request("GET", inst.reach_host, inst.port, inst.spec.health_path, {})
+                try:
+                    async for _ in resp.chunks():
+                        pass
+                finally:
+                    resp.release()
+                return health.classify(resp.status)
+        except (UpstreamError, TimeoutError) as exc:
+            return health.classify(None, connected=not isinstance(exc, upstream.ConnectFailed))
+
+    async def instance_hooks(self, key: str) -> str | None:
+        rec = (await self.records()).get(key)
+        if rec is None:
+            return None
+        results = await asyncio.to_thread(hooks.run_instance_hooks, self.stack, rec)
+        blocking = [r for r in results if r.blocking]
+        return f"required hook {blocking[0].name} failed: {blocking[0].error}" if blocking else None
+
+    async def admit(self, spec: InstanceSpec, idle: Sequence[memory.IdleInstance]) -> memory.Admission:
+        stack = self.stack
+        available = await asyncio.to_thread(stack.launcher.available_bytes)
+        return await asyncio.to_thread(memory.admit, stack.cfg, stack.store.dir, spec, idle, available)
+
+    async def housekeeping(self, records: dict[str, InstanceRecord]) -> None:
+        paths = [rec.log_file for rec in records.values()]
+        await asyncio.to_thread(self.stack.launcher.rotate_logs, paths, self.stack.cfg.logs)
