@@ -7,9 +7,11 @@ and the second finds the first's instances healthy and keeps them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -166,8 +168,7 @@ class Stack:
         try:
             for batch, cooldown_s in _batches(to_launch):
                 # The front door adopts what is running, so it starts once the models are up.
-                launched = [self._launch(spec) for spec in batch]
-                started.extend(launched)
+                launched = [self._launch(spec, started) for spec in batch]
                 waiters = [self._waiter(spec, rec) for spec, rec in zip(batch, launched, strict=True)]
                 self._wait(waiters)
                 for w, spec in zip(waiters, batch, strict=True):
@@ -206,8 +207,17 @@ class Stack:
         if stale:
             self.store.remove(stale)
 
-    def _launch(self, spec: InstanceSpec) -> InstanceRecord:
+    def _launch(self, spec: InstanceSpec, started: list[InstanceRecord]) -> InstanceRecord:
+        """Spawn, then record it in ``started`` and the state file, with SIGINT/SIGTERM held off
+        in between: an interrupted start always knows, and rolls back, what it spawned."""
         self.launcher.rotate_logs([spec.log_file], self.cfg.logs)
+        with _signals_deferred():
+            rec = self._spawn_and_record(spec)
+            started.append(rec)
+        self.say(f"{spec.name} (pid {rec.pid}, :{spec.port}) starting")
+        return rec
+
+    def _spawn_and_record(self, spec: InstanceSpec) -> InstanceRecord:
         handle = self.launcher.spawn(spec)
         rec = InstanceRecord.extend(
             spec,
@@ -221,7 +231,6 @@ class Stack:
         )
         # Record at once, so a crash of this command leaves nothing the state file doesn't know.
         self.store.put(rec)
-        self.say(f"{spec.name} (pid {handle.pid}, :{spec.port}) starting")
         return rec
 
     def _waiter(self, spec: InstanceSpec, rec: InstanceRecord) -> health.Waiter:
@@ -327,7 +336,13 @@ class Stack:
             specs = [s for s in self.specs([rec.component]) if s.key == key]
             if not specs:
                 return False
-            self._start_locked(specs)
+            try:
+                self._start_locked(specs)
+            except FleetError:
+                # Keep the crashed record: the instance is still wanted (the supervisor retries it);
+                # a deliberate `stop` is what removes it.
+                self.store.put(rec)
+                raise
             return True
 
     def reap(self) -> None:
@@ -392,6 +407,17 @@ class Stack:
             for spec in specs
             if spec.port not in running_ports
         ]
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (in this thread) until the block ends; a pending one arrives then."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _batches(specs: list[InstanceSpec]) -> list[tuple[list[InstanceSpec], float]]:
