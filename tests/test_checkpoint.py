@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,10 @@ def test_kv_round_trip_restores_the_slot_cache(make_stack: StackFactory, tiny_mo
     (slot,) = manifest["kv_slots"]
     assert (slot["component"], slot["slot"]) == ("alpha", 0) and slot["n_saved"] > 150
     assert list(slot_dir.iterdir()) == [], "saved slots are moved into the checkpoint"
+    kv_path = Path(warm.path) / slot["file"]
+    assert stat.S_IMODE(kv_path.stat().st_mode) == 0o600, "llama-server's umask does not decide"
+    for d in (Path(warm.path) / "kv", kv_path.parent.parent, kv_path.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
 
     # Control: a restarted server has nothing cached, and a restore without --kv leaves it so.
     stack.reload("alpha")

@@ -178,3 +178,17 @@ def test_dev_stack_config_comes_from_a_file_the_front_door_can_load_but_nothing_
 def test_sweep_apply_refuses_the_builtin_dev_stack(tmp_path: Path) -> None:
     res = run("sweep", "smollm2", "--dev", "--apply", "--state-dir", str(tmp_path / "s"))
     assert res.returncode == 2 and "--apply writes the stack file" in res.stderr
+
+
+@pytest.mark.parametrize("value", ["²", "١", "1,٣", "²,2", "+2", "2.0", "9" * 5000])
+def test_sweep_parallel_takes_only_ascii_whole_numbers(tmp_path: Path, value: str) -> None:
+    """Regression: '²' and '١' passed str.isdigit() and then int() raised a ValueError traceback."""
+    cfg = tmp_path / "stack.yaml"
+    cfg.write_text("servers:\n  a: {model: m.gguf, port: 18999}\napi: {enabled: false}\n")
+    args = ["sweep", "a", "--parallel", value, "--config", str(cfg), "--state-dir", str(tmp_path / "s")]
+    res = subprocess.run([MODELFLEET, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "ValueError" not in res.stderr
+    bad = next(p for p in value.split(",") if p not in ("1", "2"))
+    assert f"--parallel: {bad[:40]!r}"[:50] in res.stderr and "is not a slot count" in res.stderr
+    assert not (tmp_path / "s" / "logs").exists(), "nothing was started"

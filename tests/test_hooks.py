@@ -108,7 +108,7 @@ def prompt_tokens(port: int) -> float:
         ("  - {name: w, call: 'a/b:f'}", "hooks[0].call: 'a/b:f' is not 'module:function'"),
         ("  - {name: w, builtin: warm_all}", "hooks[0].builtin: Input should be 'embed_warmup' or 'generate_warmup'"),
         ("  - {name: w, builtin: embed_warmup, tmeout_s: 3}", "hooks[0].tmeout_s: unknown key"),
-        ("  - {name: w, builtin: embed_warmup, timeout_s: 0}", "hooks[0].timeout_s: Input should be greater than 0"),
+        ("  - {name: w, builtin: embed_warmup, timeout_s: 0}", "hooks[0].timeout_s: must be from 0.05 to 3600 seconds"),
         (
             "  - {name: w, builtin: embed_warmup, on: [boot]}",
             "hooks[0].on[0]: Input should be 'start' or 'instance_up'",

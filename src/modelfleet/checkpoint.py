@@ -14,7 +14,14 @@ A checkpoint is a folder ``<state dir>/checkpoints/NAME_YYYYMMDD_HHMMSS`` holdin
   ``--slot-save-path``).
 
 A checkpoint is built in a hidden temporary folder and renamed into place, so a
-crash never leaves a half checkpoint that looks whole.
+crash never leaves a half checkpoint that looks whole. It holds the stack file's text,
+keys included, so its folders are created 0700 and its files 0600.
+
+A checkpoint holds only its own regular files and folders: a symbolic link anywhere in
+it (or a checkpoint folder that is itself a link) makes it damaged, and nothing ever
+follows one, so restore never writes or sends a file from outside the checkpoint and
+delete never removes one. A manifest that is not the JSON object this module writes
+(its every field typed) is damaged too; ``list`` shows it with the reason.
 
 :func:`restore` checks everything first and refuses a damaged checkpoint naming
 what is missing, changing nothing. Then it writes the checkpoint's config text back
@@ -28,16 +35,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Annotated, Any
 
 import httpx
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelfleet import hooks
 from modelfleet.config import API_COMPONENT, StackConfig, load_config
@@ -56,7 +66,11 @@ SLOT_TIMEOUT_S = 600.0  # saving or restoring a big model's slot writes or reads
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 NAME_RE = re.compile(_NAME)
-ID_RE = re.compile(_NAME + r"_\d{8}_\d{6}")
+ID_RE = re.compile(_NAME + r"_[0-9]{8}_[0-9]{6}")
+DIR_MODE = 0o700  # a checkpoint holds the stack file, keys included
+FILE_MODE = 0o600
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_PROBLEMS = 20  # per checkpoint, in a message or in `list`
 
 
 @dataclass
@@ -122,12 +136,27 @@ def checkpoints_dir(state_dir: Path) -> Path:
 
 
 def _find(state_dir: Path, checkpoint_id: str) -> Path:
+    """The checkpoint's folder: a real folder right inside the checkpoints folder, never a link."""
     path = checkpoints_dir(state_dir) / validate_id(checkpoint_id)
+    if path.is_symlink():
+        raise CheckpointError(
+            f"checkpoint {checkpoint_id} is a symbolic link ({path} -> {_link_target(path)}), not a folder "
+            f"made by `checkpoint create`; it is not followed and nothing was changed. Remove the link by hand "
+            "if it is not wanted."
+        )
     if not path.is_dir():
         raise NoSuchCheckpoint(
             f"no checkpoint {checkpoint_id!r} in {path.parent}; `modelfleet checkpoint list` shows them"
         )
     return path
+
+
+def _link_target(path: Path) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return "?"
+    return target if len(target) <= 200 else target[:200] + "..."
 
 
 # --- create --------------------------------------------------------------------------
@@ -141,7 +170,9 @@ def create(
     created = now or datetime.now()
     checkpoint_id = f"{name}_{created:%Y%m%d_%H%M%S}"
     root = checkpoints_dir(stack.store.dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=DIR_MODE)
     with stack.store.lock():  # nothing starts or stops while we look
         if (root / checkpoint_id).exists():
             raise CheckpointError(f"checkpoint {checkpoint_id} already exists; wait a second or use another name")
@@ -149,7 +180,7 @@ def create(
         if kv:
             _require_slot_save(live)
         meta = {"format": FORMAT, "id": checkpoint_id, "name": name, "created_at": created.isoformat("T", "seconds")}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{checkpoint_id}.", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{checkpoint_id}.", dir=root))  # 0700
         try:
             _fill(stack, tmp, meta, live, include_state, kv)
             tmp.rename(root / checkpoint_id)
@@ -160,7 +191,7 @@ def create(
 
 
 def _fill(stack: Stack, folder: Path, meta: dict[str, Any], live: list[InstanceRecord], state: bool, kv: bool) -> None:
-    (folder / CONFIG_FILE).write_text(config_text(stack.cfg))
+    _write_private(folder / CONFIG_FILE, config_text(stack.cfg).encode())
     if state:
         _copy_state(stack.store.dir, folder / "state")
     slots = _save_kv(live, folder, meta["id"]) if kv else []
@@ -174,7 +205,28 @@ def _fill(stack: Stack, folder: Path, meta: dict[str, Any], live: list[InstanceR
         "kv_slots": slots,
         "files": _sizes(folder),
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_private(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """A new file only its owner can read (the checkpoint copies the stack file, keys included)."""
+    with _open_private(path) as f:
+        f.write(data)
+
+
+def _open_private(path: Path) -> IO[bytes]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
+def _mkdir_private(folder: Path, rel: str) -> Path:
+    """``folder/rel`` and every folder on the way, each 0700 (``mkdir -p`` would leave the parents 0755)."""
+    path = folder
+    for part in Path(rel).parts:
+        path = path / part
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=DIR_MODE)
+    return path
 
 
 def config_text(cfg: StackConfig) -> str:
@@ -195,15 +247,53 @@ def _running_entry(rec: InstanceRecord) -> dict[str, Any]:
 
 
 def _copy_state(state_dir: Path, dest: Path) -> None:
-    dest.mkdir()
+    dest.mkdir(mode=DIR_MODE)
     for fname in (STATE_FILE, hooks.HOOKS_FILE):
         if (state_dir / fname).is_file():
-            shutil.copy2(state_dir / fname, dest / fname)
+            with (state_dir / fname).open("rb") as src, _open_private(dest / fname) as out:
+                shutil.copyfileobj(src, out)
 
 
 def _sizes(folder: Path) -> dict[str, int]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
+    files, _, _ = _scan(folder)
+    return {rel: size for rel, size in sorted(files.items()) if rel != MANIFEST}
+
+
+def _scan(folder: Path) -> tuple[dict[str, int], set[str], list[str]]:
+    """Every regular file under ``folder`` (relative path -> size), the symbolic links, and a problem
+    for each link or special file. Nothing is followed: a link is reported, never entered."""
+    files: dict[str, int] = {}
+    links: set[str] = set()
+    problems: list[str] = []
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            with os.scandir(current) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            problems.append(f"{current.relative_to(folder).as_posix()}/ cannot be read ({exc.strerror or exc})")
+            continue
+        for entry in entries:
+            rel = Path(entry.path).relative_to(folder).as_posix()
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                problems.append(f"{rel} cannot be read ({exc.strerror or exc})")
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                links.add(rel)
+                problems.append(
+                    f"{rel} is a symbolic link (to {_link_target(Path(entry.path))}); a checkpoint holds only its "
+                    "own files and is never read through a link"
+                )
+            elif stat.S_ISDIR(st.st_mode):
+                pending.append(Path(entry.path))
+            elif stat.S_ISREG(st.st_mode):
+                files[rel] = st.st_size
+            else:
+                problems.append(f"{rel} is not a regular file")
+    return files, links, problems
 
 
 # --- KV caches -----------------------------------------------------------------------
@@ -254,10 +344,11 @@ def _save_slot(
     fname = f"{checkpoint_id}-slot{slot}.bin"
     data = _call(client, "POST", rec, f"/slots/{slot}?action=save", {"filename": fname})
     rel = f"kv/{rec.component}/{rec.index}/slot{slot}.bin"
-    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+    _mkdir_private(folder, f"kv/{rec.component}/{rec.index}")
     slot_dir = slot_dir_of(rec)
     assert slot_dir is not None
     shutil.move(slot_dir / fname, folder / rel)
+    os.chmod(folder / rel, FILE_MODE)  # llama-server made it with its own umask
     return {"component": rec.component, "index": rec.index, "slot": slot, "file": rel, "n_saved": data.get("n_saved")}
 
 
@@ -278,74 +369,194 @@ def _call(client: httpx.Client, method: str, rec: InstanceRecord, path: str, bod
 
 
 def list_checkpoints(stack: Stack) -> list[CheckpointInfo]:
-    """Every checkpoint of the stack, oldest first; damaged ones carry their problems."""
+    """Every checkpoint of the stack, oldest first; damaged ones (links included) carry their problems."""
     root = checkpoints_dir(stack.store.dir)
     if not root.is_dir():
         return []
-    found = [_info(p) for p in root.iterdir() if p.is_dir() and ID_RE.fullmatch(p.name)]
+    found = [_info(p) for p in root.iterdir() if ID_RE.fullmatch(p.name) and (p.is_symlink() or p.is_dir())]
     return sorted(found, key=lambda c: (c.id[-15:], c.id))  # by the id's timestamp, then name
 
 
 def delete(stack: Stack, checkpoint_id: str) -> Path:
-    """Remove one checkpoint folder; return its path."""
+    """Remove one checkpoint folder; return its path. A link is refused, never followed."""
     path = _find(stack.store.dir, checkpoint_id)
-    shutil.rmtree(path)
+    root = checkpoints_dir(stack.store.dir)
+    if path.resolve().parent != root.resolve():  # _find refuses links; this is the last word
+        raise CheckpointError(f"checkpoint {checkpoint_id} is not inside {root}; nothing was deleted")
+    try:
+        shutil.rmtree(path)  # removes links inside the folder, never what they point to
+    except OSError as exc:
+        raise CheckpointError(f"could not delete checkpoint {checkpoint_id} ({path}): {exc.strerror or exc}") from exc
     return path
 
 
 def _info(path: Path) -> CheckpointInfo:
-    manifest, problems = check(path)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    running = sorted({str(e.get("component")) for e in manifest.get("running", []) if isinstance(e, dict)})
+    try:
+        manifest, problems, files = _examine(path)
+    except OSError as exc:  # one unreadable checkpoint never hides the others
+        manifest, problems, files = {}, [f"cannot be read ({exc.strerror or exc})"], {}
+    running = sorted({str(e["component"]) for e in manifest.get("running", [])})
     return CheckpointInfo(
         id=path.name,
         name=str(manifest.get("name", path.name.rsplit("_", 2)[0])),
-        created_at=str(manifest.get("created_at", "")),
+        created_at=str(manifest.get("created_at", _created_from_id(path.name))),
         path=str(path),
         include_state=bool(manifest.get("include_state", False)),
         kv=bool(manifest.get("kv", False)),
         running=running,
-        size_bytes=size,
+        size_bytes=sum(files.values()),
         problems=problems,
     )
 
 
-def check(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """The manifest and every problem found: missing or unreadable manifest, missing or truncated files."""
+def _created_from_id(checkpoint_id: str) -> str:
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        return {}, [f"{MANIFEST} is missing"]
-    except (OSError, ValueError) as exc:
-        return {}, [f"{MANIFEST} is unreadable ({exc})"]
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return datetime.strptime(checkpoint_id[-15:], "%Y%m%d_%H%M%S").isoformat("T", "seconds")
+    except ValueError:
+        return ""
+
+
+def check(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The manifest and every problem found: a link, a missing, unreadable or malformed manifest,
+    missing, truncated or linked files. The manifest is ``{}`` unless it is well formed."""
+    manifest, problems, _ = _examine(path)
+    return manifest, problems
+
+
+def _examine(path: Path) -> tuple[dict[str, Any], list[str], dict[str, int]]:
+    if path.is_symlink():
+        return {}, [f"{path.name} is a symbolic link (to {_link_target(path)}), not a checkpoint folder"], {}
+    files, links, link_problems = _scan(path)
+    manifest, problems = _read_manifest(path, files, links)
+    if manifest:
+        problems += [p for rel, size in manifest["files"].items() if (p := _file_problem(files, links, rel, size))]
+        problems += _kv_problems(manifest)
+        if CONFIG_FILE not in manifest["files"]:
+            problems.append(f"{CONFIG_FILE} is not listed in the manifest")
+        elif CONFIG_FILE in files and not _file_problem(files, links, CONFIG_FILE, manifest["files"][CONFIG_FILE]):
+            problems += _config_problem(path / CONFIG_FILE)
+    problems += link_problems
+    if len(problems) > MAX_PROBLEMS:
+        problems = [*problems[:MAX_PROBLEMS], f"... and {len(problems) - MAX_PROBLEMS} more problems"]
+    return manifest, problems, files
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+
+class _Running(_Entry):
+    component: str
+    index: int = Field(ge=0)
+    port: int = Field(ge=1, le=65535)
+    argv: list[str]
+
+
+class _KvSlot(_Entry):
+    component: str
+    index: int = Field(ge=0)
+    slot: int = Field(ge=0)
+    file: str
+
+
+class _Manifest(_Entry):
+    """What :func:`_fill` writes; ``strict``: a string is never a number, a number never a boolean."""
+
+    format: int
+    id: str
+    name: str
+    created_at: str
+    include_state: bool = False
+    kv: bool = False
+    running: list[_Running] = Field(default_factory=list)
+    kv_slots: list[_KvSlot] = Field(default_factory=list)
+    files: dict[str, Annotated[int, Field(ge=0)]]
+
+
+def _read_manifest(path: Path, files: dict[str, int], links: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The manifest if it is what :func:`_fill` writes, else ``{}`` and why not."""
+    if MANIFEST in links:
+        return {}, []  # the scan reports the link
+    if MANIFEST not in files:
+        return {}, [f"{MANIFEST} is missing" if not (path / MANIFEST).exists() else f"{MANIFEST} is not a file"]
+    if files[MANIFEST] > MAX_MANIFEST_BYTES:
+        return {}, [f"{MANIFEST} is unreadable (more than {MAX_MANIFEST_BYTES} bytes)"]
+    try:
+        data = json.loads(_read_nofollow(path / MANIFEST))
+    except OSError as exc:
+        return {}, [f"{MANIFEST} is unreadable ({exc.strerror or exc})"]
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested past the parser's depth
+        return {}, [f"{MANIFEST} is unreadable (not JSON: {_short(str(exc))})"]
+    if not isinstance(data, dict):
+        return {}, [f"{MANIFEST} is not a JSON object but {type(data).__name__}"]
+    if not isinstance(data.get("files"), dict):
         return {}, [f"{MANIFEST} has no 'files' table"]
-    problems = [_file_problem(path, rel, size) for rel, size in manifest["files"].items()]
-    problems += _kv_problems(manifest)
-    if CONFIG_FILE not in manifest["files"]:
-        problems.append(f"{CONFIG_FILE} is not listed in the manifest")
-    return manifest, [p for p in problems if p]
+    try:
+        _Manifest.model_validate(data)
+    except ValidationError as exc:
+        return {}, [f"{MANIFEST} is malformed: {_where(e['loc'])}: {e['msg']}" for e in exc.errors()[:MAX_PROBLEMS]]
+    problems = []
+    if data["format"] != FORMAT:
+        problems.append(f"{MANIFEST} has format {data['format']}; this version reads format {FORMAT}")
+    if data["id"] != path.name:
+        problems.append(f"{MANIFEST} names checkpoint {_short(data['id'])}, but its folder is {path.name}")
+    if not NAME_RE.fullmatch(data["name"]) or not path.name.startswith(data["name"] + "_"):
+        problems.append(f"{MANIFEST} has the name {_short(data['name'])}, which does not match {path.name}")
+    try:
+        datetime.fromisoformat(data["created_at"])
+    except ValueError:
+        problems.append(f"{MANIFEST}: created_at {_short(data['created_at'])} is not a date and time")
+    return ({}, problems) if problems else (data, [])
 
 
-def _file_problem(folder: Path, rel: str, size: object) -> str | None:
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + _short(str(part), 80)
+    return out or "(top level)"
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_nofollow(path: Path) -> bytes:
+    """A file's bytes, refusing (OSError ELOOP) a path whose last part is a symbolic link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _config_problem(path: Path) -> list[str]:
+    try:
+        _read_nofollow(path).decode("utf-8")
+    except OSError as exc:
+        return [f"{CONFIG_FILE} is unreadable ({exc.strerror or exc})"]
+    except UnicodeDecodeError as exc:
+        return [f"{CONFIG_FILE} is not UTF-8 text (byte offset {exc.start})"]
+    return []
+
+
+def _file_problem(files: dict[str, int], links: set[str], rel: str, size: int) -> str | None:
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
-        return f"{rel} is outside the checkpoint"
-    f = folder / rel
-    if not f.is_file():
-        return f"{rel} is missing"
-    if f.stat().st_size != size:
-        return f"{rel} has {f.stat().st_size} bytes, the manifest says {size}"
+        return f"{_short(rel)} is outside the checkpoint"
+    parts = Path(rel).parts
+    if any("/".join(parts[:n]) in links for n in range(1, len(parts) + 1)):
+        return None  # it is, or is under, a link: the scan reports that
+    if rel not in files:
+        return f"{_short(rel)} is missing"
+    if files[rel] != size:
+        return f"{rel} has {files[rel]} bytes, the manifest says {size}"
     return None
 
 
 def _kv_problems(manifest: dict[str, Any]) -> list[str]:
-    keys = {"component": str, "index": int, "slot": int, "file": str}
     problems = []
     for i, entry in enumerate(manifest.get("kv_slots", [])):
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), t) for k, t in keys.items()):
-            problems.append(f"kv_slots[{i}] in {MANIFEST} is malformed")
-        elif entry["file"] not in manifest["files"]:
-            problems.append(f"kv_slots[{i}]: {entry['file']} is not listed in the manifest's files")
+        if entry["file"] not in manifest["files"]:
+            problems.append(f"kv_slots[{i}]: {_short(entry['file'])} is not listed in the manifest's files")
+        elif not entry["file"].startswith("kv/"):
+            problems.append(f"kv_slots[{i}]: {_short(entry['file'])} is not a KV file (under kv/)")
     return problems
 
 
@@ -414,7 +625,12 @@ def finish(prepared: Prepared, run_hooks: bool = True) -> None:
 
 
 def _plan(stack: Stack, path: Path, manifest: dict[str, Any]) -> _Plan:
-    text = (path / CONFIG_FILE).read_text()
+    try:
+        text = _read_nofollow(path / CONFIG_FILE).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # changed since it was checked
+        raise CheckpointError(
+            f"checkpoint {path.name}: {CONFIG_FILE} cannot be read ({exc}); nothing was changed"
+        ) from exc
     try:
         cfg = load_config(text, stack.cfg.source)
     except ConfigError as exc:
@@ -483,10 +699,14 @@ def _write_config(source: str | None, text: str) -> bool:
     if source is None:
         return False
     path = Path(source)
-    with contextlib.suppress(OSError):
+    mode = None
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        mode = stat.S_IMODE(path.stat().st_mode)
         if path.read_text() == text:
             return False
     write_atomic(path, text)
+    if mode is not None:  # a stack file kept 0600 for its keys stays so
+        os.chmod(path, mode)
     return True
 
 
@@ -528,7 +748,11 @@ def _restore_slot(client: httpx.Client, rec: InstanceRecord, entry: dict[str, An
         raise CheckpointError(f"{rec.name} runs without --slot-save-path")
     fname = f"{ckpt}-slot{entry['slot']}.bin"
     slot_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, slot_dir / fname)
+    try:
+        with os.fdopen(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f, (slot_dir / fname).open("wb") as out:
+            shutil.copyfileobj(f, out)  # never through a link, even one made after the check
+    except OSError as exc:
+        raise CheckpointError(f"cannot copy {src.name}: {exc.strerror or exc}") from exc
     try:
         data = _call(client, "POST", rec, f"/slots/{entry['slot']}?action=restore", {"filename": fname})
     finally:

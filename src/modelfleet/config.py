@@ -5,18 +5,37 @@ roles, slots and llama-server options), auxiliary services (any command with a
 ``{port}`` placeholder and a health path), role aliases, the task-type routing table
 and the worker-pool settings. Every error names its key path and what is allowed:
 ``servers.coder.port: 8081 is already used by servers.worker``.
+
+The loader refuses, as a ConfigError, anything that would only fail later: bytes that
+are not UTF-8, nesting deeper than :data:`MAX_DEPTH`, aliases that expand past
+:data:`MAX_NODES` values, NUL characters (no argv, environment or path can hold one),
+numbers outside their sane range. Every message is bounded (:data:`MAX_MESSAGE_BYTES`),
+whatever the file holds.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import reprlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
 
 from modelfleet.errors import ConfigError
 from modelfleet.paths import cached_dev_model
@@ -26,8 +45,98 @@ BUILTIN_DEV_MODEL = "builtin:smollm2-135m-instruct"
 API_COMPONENT = "orchestrator"
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 
-Port = Annotated[int, Field(ge=1, le=65535)]
+#: Limits on what a stack file may hold; a real one is a few kB with a few hundred values.
+MAX_FILE_BYTES = 1024 * 1024
+MAX_DEPTH = 64  # nesting of mappings and lists, aliases expanded
+MAX_NODES = 100_000  # values, an alias counting as everything it names each time it is used
+MAX_EXPANDED_CHARS = 16 * 1024 * 1024  # text of every scalar, aliases expanded
+MAX_NUMBER_CHARS = 64  # digits of one number: more is no sane setting and slow to convert
+MAX_MESSAGE_BYTES = 8192  # a ConfigError's message, whole
+MAX_PROBLEMS = 50  # problems listed in one message
+MAX_VALUE_REPR = 200  # an offending value, as shown in a message
+
+MIN_SECONDS = 0.05  # the smallest interval or timeout: below it a loop only burns a core
+HOUR = 3600.0
+DAY = 86400.0
+MAX_GB = 1_000_000.0  # a petabyte: any memory size past it is a typo
+MAX_TOKENS = 1 << 26  # context and batch sizes, in tokens
+MAX_THREADS = 4096
+MAX_COUNT = 1_000_000  # queue lengths, thresholds, budgets
+
+
+@dataclass(frozen=True)
+class Range:
+    """``Annotated`` metadata: a number within bounds, never a boolean; the error says the range."""
+
+    lo: float
+    hi: float
+    unit: str = ""
+    lo_open: bool = False  # lo itself is not allowed
+    hi_open: bool = False  # hi itself is not allowed
+
+    def describe(self) -> str:
+        if not (self.lo_open or self.hi_open):
+            return f"must be from {_num(self.lo)} to {_num(self.hi)}{self.unit}"
+        low = f"more than {_num(self.lo)}" if self.lo_open else f"at least {_num(self.lo)}"
+        high = f"less than {_num(self.hi)}" if self.hi_open else f"at most {_num(self.hi)}"
+        return f"must be {low} and {high}{self.unit}"
+
+    def _check(self, value: float) -> float:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        if not (above and below):  # NaN fails both
+            raise ValueError(self.describe())
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        checked = core_schema.no_info_after_validator_function(self._check, handler(source))
+        return core_schema.no_info_before_validator_function(_not_a_boolean, checked)
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):  # YAML's true/yes/on would otherwise pass as 1
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+
+
+Port = Annotated[int, Range(1, 65535)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+Interval = Annotated[float, Range(MIN_SECONDS, DAY, " seconds")]  # loops, waits and windows
+Timeout = Annotated[float, Range(MIN_SECONDS, HOUR, " seconds")]  # one probe, load or hook
+Grace = Annotated[float, Range(0, HOUR, " seconds")]  # 0: no wait at all
+Gigabytes = Annotated[float, Range(0, MAX_GB, " GB")]
+Count = Annotated[int, Range(1, MAX_COUNT)]
+Threads = Annotated[int, Range(1, MAX_THREADS)]
+Tokens = Annotated[int, Range(1, MAX_TOKENS, " tokens")]
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[\w-]{1,63}(\.[\w-]{1,63})*\.?", re.ASCII)
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+
+
+def _check_host(v: str) -> str:
+    """An IP address or a host name: it goes into a bind call and into every probe's URL."""
+    if v in ("", "::"):  # wildcard binds, probed on loopback
+        return v
+    try:
+        ip = ipaddress.ip_address(v)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(v):
+            raise ValueError(f"{_short(v)} is not an IP address or host name (letters, digits, '-' and '.')") from None
+        return v
+    if ip.version == 6:  # probe URLs are built as http://HOST:PORT, which an IPv6 literal breaks
+        raise ValueError(f"{_short(v)}: IPv6 addresses other than '::' are not supported; use an IPv4 address")
+    return v
+
+
+def _check_key(v: str | None) -> str | None:
+    """A bearer token: it travels in an HTTP header, so visible ASCII only."""
+    if v is not None and not _VISIBLE_ASCII.fullmatch(v):
+        raise ValueError("must be visible ASCII characters only (no spaces, control characters or non-ASCII)")
+    return v
 
 
 class Tier(StrEnum):
@@ -39,16 +148,16 @@ class Tier(StrEnum):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Draft(Strict):
     """Speculative decoding with a small draft model (``--spec-draft-model``)."""
 
     model: str
-    max: int = Field(default=16, ge=1, le=256)
-    min: int = Field(default=0, ge=0, le=256)
-    ram_gb: float | None = Field(default=None, ge=0)
+    max: Annotated[int, Range(1, 256)] = 16
+    min: Annotated[int, Range(0, 256)] = 0
+    ram_gb: Gigabytes | None = None
 
 
 LookupMode = Literal["ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache"]
@@ -67,15 +176,32 @@ class Component(Strict):
     """What llama-server servers and auxiliary services have in common."""
 
     port: Port | None = None
-    ports: list[Port] | None = None
-    replicas: int | None = Field(default=None, ge=1, le=64)
+    ports: list[Port] | None = Field(default=None, max_length=64)
+    replicas: Annotated[int, Range(1, 64)] | None = None
     host: str = "127.0.0.1"
     tier: Tier = Tier.HOT
     roles: list[Name] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
-    health_timeout_s: float | None = Field(default=None, gt=0, le=3600)
-    cooldown_s: float = Field(default=0.0, ge=0, le=600)
-    ram_gb: float | None = Field(default=None, ge=0)
+    health_timeout_s: Timeout | None = None
+    cooldown_s: Annotated[float, Range(0, 600, " seconds")] = 0.0
+    ram_gb: Gigabytes | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _check_host(v)
+
+    @field_validator("env")
+    @classmethod
+    def _env_is_an_environment(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not name or "=" in name or "\0" in name:
+                raise ValueError(
+                    f"{_short(name)} is not an environment variable name: it must be non-empty, without '=' or NUL"
+                )
+            if "\0" in value:
+                raise ValueError(f"{_short(name)}: the value holds a NUL character, which no environment can")
+        return v
 
     @model_validator(mode="after")
     def _one_way_to_give_ports(self) -> Component:
@@ -102,16 +228,16 @@ class ServerConfig(Component):
     """One llama-server model server."""
 
     model: str
-    parallel: int = Field(default=1, ge=1, le=256)
-    ctx_size: int | None = Field(default=None, ge=0)
-    threads: int | None = Field(default=None, ge=1)
-    threads_http: int | None = Field(default=None, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
+    parallel: Annotated[int, Range(1, 256)] = 1
+    ctx_size: Annotated[int, Range(0, MAX_TOKENS, " tokens (0: the model's own)")] | None = None
+    threads: Threads | None = None
+    threads_http: Threads | None = None
+    batch_size: Tokens | None = None
     args: list[str] = Field(default_factory=list)
     load_mode: LoadMode | None = None
     draft: Draft | None = None
     lookup: LookupMode | None = None
-    moe_active_experts: int | None = Field(default=None, ge=1, le=256)
+    moe_active_experts: Annotated[int, Range(1, 256)] | None = None
     mmproj: str | None = None
     embeddings: Embeddings | None = None
     cache_type_k: CacheType | None = None
@@ -123,8 +249,10 @@ class ServerConfig(Component):
     @classmethod
     def _args_are_argv(cls, v: list[str]) -> list[str]:
         for a in v:
+            if "\0" in a:
+                raise ValueError(f"{_short(a)} holds a NUL character, which no command line can")
             if a.split("=", 1)[0] in MANAGED_FLAGS:
-                raise ValueError(f"'{a}' is set by modelfleet; use the matching config key instead")
+                raise ValueError(f"{_short(a)} is set by modelfleet; use the matching config key instead")
         return v
 
     @property
@@ -145,11 +273,26 @@ class ServiceConfig(Component):
     health_path: str = "/health"
     cwd: str | None = None
 
+    @field_validator("command")
+    @classmethod
+    def _command_is_argv(cls, v: list[str]) -> list[str]:
+        if not v[0].strip():
+            raise ValueError("the first item must name the program to run")
+        for a in v:
+            if "\0" in a:
+                raise ValueError(f"{_short(a)} holds a NUL character, which no command line can")
+        return v
+
     @field_validator("health_path")
     @classmethod
     def _path_is_absolute(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError("must start with '/', for example '/health'")
+        if len(v) > 2048 or not _VISIBLE_ASCII.fullmatch(v):
+            raise ValueError(
+                "must be a URL path of visible ASCII characters (no spaces, CR/LF or other control "
+                "characters, at most 2048), for example '/health'"
+            )
         return v
 
     def effective_health_timeout_s(self) -> float:
@@ -159,8 +302,8 @@ class ServiceConfig(Component):
 class WorkerPoolConfig(Strict):
     """When WARM capacity grows and shrinks (the seed's WorkerPoolConfig)."""
 
-    expansion_threshold: int = Field(default=4, ge=1)
-    warm_timeout_s: float = Field(default=300.0, gt=0)
+    expansion_threshold: Count = 4
+    warm_timeout_s: Interval = 300.0
 
 
 class ApiConfig(Strict):
@@ -169,51 +312,72 @@ class ApiConfig(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 8000
-    api_key: str | None = Field(default=None, min_length=1)
-    admin_key: str | None = Field(default=None, min_length=1)
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    queue_max: int = Field(default=64, ge=0)
-    queue_wait_s: float = Field(default=30.0, gt=0)
-    request_timeout_s: float = Field(default=600.0, gt=0)
-    drain_timeout_s: float = Field(default=30.0, ge=0)
-    stop_grace_s: float = Field(default=10.0, ge=0)
-    start_wait_s: float = Field(default=300.0, gt=0)
-    health_timeout_s: float = Field(default=30.0, gt=0)
+    api_key: str | None = Field(default=None, min_length=1, max_length=4096)
+    admin_key: str | None = Field(default=None, min_length=1, max_length=4096)
+    max_body_bytes: Annotated[int, Range(1024, 1 << 30, " bytes")] = 16 * 1024 * 1024
+    queue_max: Annotated[int, Range(0, MAX_COUNT)] = 64
+    queue_wait_s: Interval = 30.0
+    request_timeout_s: Interval = 600.0
+    drain_timeout_s: Annotated[float, Range(0, DAY, " seconds")] = 30.0
+    stop_grace_s: Grace = 10.0
+    start_wait_s: Interval = 300.0
+    health_timeout_s: Timeout = 30.0
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return _check_host(v)
+
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _keys_are_tokens(cls, v: str | None) -> str | None:
+        return _check_key(v)
 
 
 class MonitorConfig(Strict):
     """Liveness probing and self-healing, done by the front door."""
 
-    interval_s: float = Field(default=2.0, gt=0)
-    probe_timeout_s: float = Field(default=2.0, gt=0)
-    failures_to_eject: int = Field(default=3, ge=1)
-    restart_budget: int = Field(default=5, ge=0)
-    restart_window_s: float = Field(default=600.0, gt=0)
-    backoff_initial_s: float = Field(default=1.0, ge=0)
-    backoff_max_s: float = Field(default=60.0, ge=0)
+    interval_s: Interval = 2.0
+    probe_timeout_s: Timeout = 2.0
+    failures_to_eject: Annotated[int, Range(1, 1000)] = 3
+    restart_budget: Annotated[int, Range(0, MAX_COUNT)] = 5
+    restart_window_s: Interval = 600.0
+    backoff_initial_s: Interval = 1.0
+    backoff_max_s: Interval = 60.0
+
+    @model_validator(mode="after")
+    def _backoff_grows(self) -> MonitorConfig:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                f"backoff_max_s ({_num(self.backoff_max_s)}) is less than backoff_initial_s "
+                f"({_num(self.backoff_initial_s)})"
+            )
+        return self
 
 
 class StartConfig(Strict):
     """How ``start`` orders launches."""
 
-    large_model_gb: float = Field(default=4.0, ge=0)
+    large_model_gb: Gigabytes = 4.0
 
 
 class LogsConfig(Strict):
     """Rotation of every component's log: a copy is kept, then the file is emptied in place."""
 
-    max_mb: float | None = Field(default=256.0, gt=0)  # rotate past this size; null: never
-    keep: int = Field(default=3, ge=1)  # copies kept: <log>.1 (newest) .. <log>.<keep>
+    # rotate past this size (at least 1 KiB); null: never
+    max_mb: Annotated[float, Range(1 / 1024, 1 << 24, " MB")] | None = 256.0
+    keep: Annotated[int, Range(1, 1000)] = 3  # copies kept: <log>.1 (newest) .. <log>.<keep>
 
 
 class MemoryConfig(Strict):
     """The memory budget that ``plan`` prints and ``start`` and WARM admission enforce."""
 
-    total_gb: float | None = Field(default=None, gt=0)  # default: this machine's RAM
-    os_reserve_gb: float | None = Field(default=None, ge=0)
-    os_reserve_pct: float | None = Field(default=None, ge=0, lt=100)  # default: 12 (the seed's)
-    compute_buffer_mb: float | None = Field(default=None, ge=0)  # per instance; default: from the model's shape
-    min_free_gb: float = Field(default=1.0, ge=0)  # left free when a WARM instance is admitted
+    total_gb: Annotated[float, Range(0, MAX_GB, " GB", lo_open=True)] | None = None  # default: this machine's RAM
+    os_reserve_gb: Gigabytes | None = None
+    os_reserve_pct: Annotated[float, Range(0, 100, " percent", hi_open=True)] | None = None  # default: 12
+    # per instance; default: from the model's shape
+    compute_buffer_mb: Annotated[float, Range(0, MAX_GB * 1024, " MB")] | None = None
+    min_free_gb: Gigabytes = 1.0  # left free when a WARM instance is admitted
     log_buffers: bool = True  # llama-server logs at verbosity 4, which prints its buffer sizes
 
     @model_validator(mode="after")
@@ -234,7 +398,7 @@ class HookConfig(Strict):
     name: Name
     builtin: HookBuiltin | None = None
     call: str | None = None
-    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    timeout_s: Timeout = 60.0
     required: bool = False
     applies_to: list[Name] | None = None  # component names; None = every component
     on: list[HookEvent] | None = Field(default=None, min_length=1)
@@ -251,7 +415,7 @@ class HookConfig(Strict):
     @classmethod
     def _call_is_module_function(cls, v: str | None) -> str | None:
         if v is not None and not _HOOK_CALL.fullmatch(v):
-            raise ValueError(f"{v!r} is not 'module:function' (for example 'mypkg.hooks:seed')")
+            raise ValueError(f"{_short(v)} is not 'module:function' (for example 'mypkg.hooks:seed')")
         return v
 
     @model_validator(mode="after")
@@ -445,52 +609,258 @@ class _CrossFieldErrors(ValueError):
         self.errors = errors
 
 
+_MERGE_TAGS = ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value")
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last)."""
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last), nesting
+    deeper than MAX_DEPTH, more than MAX_NODES values (aliases expanded), and numbers or dates
+    Python cannot convert, each as a YAMLError with the place in the file."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._composed = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._composed += 1
+        if self._composed > MAX_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {MAX_NODES} values; a stack file needs far fewer", self._mark()
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", self._mark())
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _mark(self) -> yaml.Mark:
+        mark: yaml.Mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+        return mark
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _measure(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag in _MERGE_TAGS:  # `<<: *base` merges; later keys override it
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    hash(key)
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, "found unhashable key", key_node.start_mark
+                    ) from None
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {_short(key)} is given twice in one mapping", key_node.start_mark
+                    )
+                seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _scalar_constructor(name: str) -> Any:
+    """SafeConstructor's int, float or timestamp constructor, bounded and with its errors as YAMLErrors."""
+    base = getattr(yaml.constructor.SafeConstructor, name)
+
+    def construct(loader: _UniqueKeyLoader, node: yaml.ScalarNode) -> Any:
+        text = str(node.value)
+        if len(text) > MAX_NUMBER_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number or date of more than {MAX_NUMBER_CHARS} characters", node.start_mark
+            )
+        try:
+            return base(loader, node)
+        except (ValueError, TypeError, IndexError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{_short(text)} cannot be read as a {node.tag.rsplit(':', 1)[-1]} ({exc})", node.start_mark
+            ) from None
+
+    return construct
+
+
+for _tag, _name in (("int", "construct_yaml_int"), ("float", "construct_yaml_float")):
+    _UniqueKeyLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _scalar_constructor(_name))
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", _scalar_constructor("construct_yaml_timestamp"))
+
+
+def _measure(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand too far: deeper than MAX_DEPTH, more than
+    MAX_NODES values or MAX_EXPANDED_CHARS of text, or an alias inside what it names.
+
+    An alias is the very node it names, so a few lines can stand for billions of values
+    ("billion laughs"); each node is measured once and its size reused.
+    """
+    sizes: dict[int, tuple[int, int, int]] = {}  # id(node) -> (values, chars, height)
+    open_: set[int] = set()
+
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int, int]:
+        key = id(node)
+        if key in open_:
+            raise yaml.composer.ComposerError(
+                None, None, "an alias refers to the mapping or list that contains it", node.start_mark
+            )
+        if key not in sizes:
+            if depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases nest the document deeper than {MAX_DEPTH} levels", node.start_mark
+                )
+            if isinstance(node, yaml.ScalarNode):
+                sizes[key] = (1, len(node.value), 1)
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+                values, chars, height = 1, 0, 0
+                open_.add(key)
+                for child in children:
+                    v, c, h = walk(child, depth + 1)
+                    values, chars, height = values + v, chars + c, max(height, h)
+                    if values > MAX_NODES or chars > MAX_EXPANDED_CHARS:
+                        raise yaml.composer.ComposerError(
+                            None,
+                            None,
+                            f"its aliases expand to more than {MAX_NODES} values or {MAX_EXPANDED_CHARS} characters "
+                            "(an alias counts as everything it names, each time it is used)",
+                            node.start_mark,
+                        )
+                open_.discard(key)
+                sizes[key] = (values, chars, height + 1)
+        size = sizes[key]
+        if depth + size[2] - 1 > MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases nest the document deeper than {MAX_DEPTH} levels", node.start_mark
+            )
+        return size
+
+    walk(root, 1)
 
 
 def load_config(text: str, source: str | None = None) -> StackConfig:
     """Parse and validate a stack file's text; raise ConfigError naming every problem."""
     where = source or "<config>"
+    if len(text) > MAX_FILE_BYTES:
+        raise _error(f"{where}: {len(text)} characters is more than a stack file may hold ({MAX_FILE_BYTES})")
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+        raise _error(f"{where}: not valid YAML: {exc}") from None
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:  # a constructor's own failure
+        raise _error(f"{where}: not valid YAML: a value cannot be read ({exc})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of keys (servers:, services:, ...)")
+        raise _error(f"{where}: the top level must be a mapping of keys (servers:, services:, ...)")
     for internal in ("source", "builtin"):
         if internal in data:
-            raise ConfigError(f"{where}: {internal}: unknown key")
+            raise _error(f"{where}: {internal}: unknown key")
+    unusable = list(_unusable_values(data))
+    if unusable:
+        raise _error(_listing(f"{where} is not a valid stack file:", unusable))
     try:
         return StackConfig.model_validate({**data, "source": source})
     except ValidationError as exc:
-        raise ConfigError(_format(where, exc)) from exc
+        raise _error(_format(where, exc)) from None
 
 
 def load_config_file(path: str | os.PathLike[str]) -> StackConfig:
-    """Read and validate a stack file."""
+    """Read and validate a stack file (UTF-8, at most MAX_FILE_BYTES)."""
     p = Path(path).expanduser()
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
+        raise _error(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise _error(f"{p}: more than {MAX_FILE_BYTES} bytes; a stack file is a few kB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise _error(
+            f"{p}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line}) "
+            "cannot be decoded; save the file as UTF-8"
+        ) from None
     cfg = load_config(text, str(p.resolve()))
     if p.resolve().parent == PACKAGE_DATA:  # the built-in dev stack, wherever it is loaded from
         cfg = cfg.model_copy(update={"builtin": True})
     return cfg
+
+
+def _unusable_values(data: Any) -> Iterator[str]:
+    """Strings no process can be given (NUL, lone surrogates) and binary values, anywhere, by key path."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            items = list(value.items())
+            for k, _ in items:
+                if isinstance(k, str) and (problem := _text_problem(k)):
+                    yield f"{_join(path, k)}: the key {problem}"
+            stack.extend((_join(path, k), v) for k, v in reversed(items))
+        elif isinstance(value, list | tuple | set | frozenset):
+            stack.extend((f"{path or '(top level)'}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, bytes | bytearray):
+            yield f"{path}: a binary value (!!binary) has no place in a stack file"
+        elif isinstance(value, str) and (problem := _text_problem(value)):
+            yield f"{path}: {_short(value)} {problem}"
+
+
+def _text_problem(text: str) -> str | None:
+    if "\0" in text:
+        return "holds a NUL character, which no command line, environment or path can"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds a lone surrogate (an escape such as \\ud800), which is not text"
+    return None
+
+
+def _join(path: str, key: Any) -> str:
+    part = _key(key)
+    return f"{path}.{part}" if path else part
+
+
+def _key(part: Any) -> str:
+    """A key as a path component: as written when short and printable, else its (bounded) repr."""
+    if isinstance(part, str) and part.isprintable() and len(part) <= MAX_VALUE_REPR:
+        return part
+    return _short(part)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_VALUE_REPR
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 8
+_REPR.maxlevel = 3
+
+
+def _short(value: Any, limit: int = MAX_VALUE_REPR) -> str:
+    """``repr(value)``, bounded: a message shows at most ``limit`` characters of any value."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a value whose repr fails is still named
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _listing(head: str, lines: list[str]) -> str:
+    shown = lines[:MAX_PROBLEMS]
+    if len(lines) > MAX_PROBLEMS:
+        shown.append(f"... and {len(lines) - MAX_PROBLEMS} more problems")
+    return head + "\n" + "\n".join(f"  {line}" for line in shown)
+
+
+def _error(message: str) -> ConfigError:
+    """A ConfigError whose message is at most MAX_MESSAGE_BYTES of UTF-8, however big the file."""
+    data = message.encode("utf-8", "backslashreplace")
+    if len(data) > MAX_MESSAGE_BYTES:
+        cut = data[: MAX_MESSAGE_BYTES - 80].decode("utf-8", "ignore")
+        message = f"{cut}\n  ... (cut: the whole message was {len(data)} bytes)"
+    return ConfigError(message)
 
 
 def _format(where: str, exc: ValidationError) -> str:
@@ -502,8 +872,7 @@ def _format(where: str, exc: ValidationError) -> str:
             continue
         path = _loc(err["loc"])
         lines.append(f"{path}: {_message(err)}")
-    body = "\n".join(f"  {line}" for line in lines)
-    return f"{where} is not a valid stack file:\n{body}"
+    return _listing(f"{where} is not a valid stack file:", lines)
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -511,10 +880,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif re.fullmatch(r"function-after\[.*\]|tagged-union\[.*\]|\[key\]", str(part)):
+        elif re.fullmatch(r"function-(after|before|wrap|plain)\[.*\]|tagged-union\[.*\]|\[key\]", str(part)):
             continue
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + _key(part)
     return out or "(top level)"
 
 
@@ -525,10 +894,11 @@ def _message(err: Any) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "string_pattern_mismatch":
-        return f"{err['input']!r} is not a valid name (letters, digits, '_', '.', '-'; starting with a letter or digit)"
+        allowed = "letters, digits, '_', '.', '-'; starting with a letter or digit"
+        return f"{_short(err['input'])} is not a valid name ({allowed})"
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if "input" in err and kind not in ("model_type", "dict_type"):
-        return f"{msg} (got {err['input']!r})"
+        return f"{msg} (got {_short(err['input'])})"
     return msg

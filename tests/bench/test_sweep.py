@@ -179,6 +179,14 @@ def test_parse_levels_sorts_and_dedupes_and_names_bad_values() -> None:
             parse_levels(bad)
 
 
+@pytest.mark.parametrize("bad", ["²", "١", "1,٣", "𝟐", "-1", "+2", "9" * 5000])
+def test_parse_levels_takes_only_ascii_whole_numbers(bad: str) -> None:
+    """'²' and '١' pass str.isdigit(), which int() then refuses with a ValueError."""
+    with pytest.raises(UsageError, match="is not a slot count") as info:
+        parse_levels(bad)
+    assert len(str(info.value)) < 200
+
+
 def test_prompt_file_gives_one_prompt_per_paragraph(tmp_path: Path) -> None:
     f = tmp_path / "prompts.txt"
     f.write_text("first prompt\non two lines\n\n\nsecond prompt\n")

@@ -89,14 +89,22 @@ class SweepPlan:
         return self.prompts[n % len(self.prompts)]
 
 
+# ASCII digits only: str.isdigit() also takes '²' and '١', which int() then refuses.
+_LEVEL = re.compile(r"[0-9]{1,6}")
+
+
 def parse_levels(text: str) -> tuple[int, ...]:
-    """``"1,2,4"`` -> ``(1, 2, 4)``: sorted, without repeats."""
+    """``"1,2,4"`` -> ``(1, 2, 4)``: sorted, without repeats; only ASCII positive integers."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise UsageError("--parallel: give at least one slot count, like 1,2,4")
     for p in parts:
-        if not p.isdigit() or not 1 <= int(p) <= MAX_LEVEL:
-            raise UsageError(f"--parallel: '{p}' is not a slot count from 1 to {MAX_LEVEL}; give a list like 1,2,4")
+        if not _LEVEL.fullmatch(p) or not 1 <= int(p) <= MAX_LEVEL:
+            shown = p if len(p) <= 40 else p[:40] + "..."
+            raise UsageError(
+                f"--parallel: {shown!r} is not a slot count (an ASCII whole number from 1 to {MAX_LEVEL}); "
+                "give a list like 1,2,4"
+            )
     return tuple(sorted({int(p) for p in parts}))
 
 
