@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from modelfleet.config import StackConfig, load_config, load_config_file
 from modelfleet.errors import ConfigError, FleetError
-from modelfleet.launcher import plan_instances
+from modelfleet.spec import plan_instances
 
 MAX_MESSAGE = 10 * 1024
 FUZZ = settings(

@@ -31,6 +31,7 @@ def test_names_keys_and_urls_are_one_rule() -> None:
     assert (ident.name, ident.key, ident.base_url) == ("embedder[2]", "server_8092", "http://127.0.0.1:8092")
     assert _ident(replicas=1, index=0).name == "embedder"
     assert local_url("::", 1) == "http://127.0.0.1:1" and local_url("10.1.2.3", 5) == "http://10.1.2.3:5"
+    assert local_url("::1", 7) == "http://[::1]:7"
 
 
 def test_every_view_of_an_instance_carries_the_same_identity() -> None:

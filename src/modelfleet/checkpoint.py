@@ -704,9 +704,10 @@ def _write_config(source: str | None, text: str) -> bool:
         mode = stat.S_IMODE(path.stat().st_mode)
         if path.read_text() == text:
             return False
-    write_atomic(path, text)
-    if mode is not None:  # a stack file kept 0600 for its keys stays so
-        os.chmod(path, mode)
+    # Created with the stack file's own mode (0600 for a file with keys), never readable by others meanwhile.
+    write_atomic(path, text, mode=0o600 if mode is None else mode)
+    if mode is not None:
+        os.chmod(path, mode)  # the umask may have narrowed it
     return True
 
 

@@ -46,7 +46,8 @@ def local_host(host: str) -> str:
 
 
 def local_url(host: str, port: int) -> str:
-    return f"http://{local_host(host)}:{port}"
+    reach = local_host(host)
+    return f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
 
 
 @dataclass(frozen=True)
