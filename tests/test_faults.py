@@ -3,12 +3,14 @@ instance whose restart crashes while loading. Each ends with nothing left runnin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import MODELFLEET, free_ports, stack_cli
+from conftest import MODELFLEET, StackFactory, free_ports, stack_cli
 from modelfleet.state import StateStore
 
 HTTP_SERVICE = f"[{sys.executable}, -m, http.server, '{{port}}', --bind, 127.0.0.1]"
@@ -129,3 +131,54 @@ def test_an_unreadable_state_file_names_itself_and_the_way_out(cli_stack: Path, 
     assert res.returncode == 5 and "Traceback" not in res.stderr
     assert "orchestrator_state.json" in res.stderr and "move it aside" in res.stderr
     (cli_stack / "state" / "orchestrator_state.json").unlink()  # moved aside, as the message says
+
+
+def test_reload_of_the_front_door_under_load_refuses_nothing_and_loses_nothing(
+    make_stack: StackFactory, tiny_model: Path
+) -> None:
+    srv, api = free_ports(2)
+    stack = make_stack(
+        f"servers:\n  m:\n    model: {tiny_model}\n    port: {srv}\n    roles: [m]\n    parallel: 4\n"
+        f"    threads: 1\n    ctx_size: 1024\napi: {{port: {api}, drain_timeout_s: 10}}\n"
+    )
+    stack.start(stack.select())
+    url = f"http://127.0.0.1:{api}/v1/completions"
+    body = {"model": "m", "prompt": "hi", "max_tokens": 2}
+    before = {r.component: r.pid for r in stack.store.read().values()}
+    outcomes: list[str] = []
+    reloaded = threading.Event()
+
+    async def client() -> None:
+        # A fresh connection per request: every one of them goes through the listening socket.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (reloaded.is_set() and len(outcomes) > 400):
+                try:
+                    resp = await http.post(url, json=body)
+                    outcomes.append(str(resp.status_code))
+                except httpx.HTTPError as exc:
+                    outcomes.append(type(exc).__name__)
+
+    async def load() -> None:
+        await asyncio.gather(*(client() for _ in range(16)))
+
+    runner = threading.Thread(target=asyncio.run, args=(load(),))
+    runner.start()
+    try:
+        _wait("requests flowing", lambda: len(outcomes) > 50)
+        first = stack.reload("orchestrator")
+        middle = stack.store.read()[f"server_{api}"].pid
+        n = len(outcomes)
+        _wait("requests flowing through the new front door", lambda: len(outcomes) > n + 50)
+        report = stack.reload("orchestrator")  # the successor hands over in turn
+        reloaded.set()
+    finally:
+        runner.join(90)
+    after = {r.component: r.pid for r in stack.store.read().values()}
+    assert first.started == report.started == ["orchestrator"]
+    assert len({before["orchestrator"], middle, after["orchestrator"]}) == 3
+    assert after["m"] == before["m"]  # no model was reloaded
+    assert _gone(before["orchestrator"]) and _gone(middle)
+    failed = [o for o in outcomes if o != "200"]
+    assert not failed, f"{len(failed)} of {len(outcomes)} requests failed across the reload: {sorted(set(failed))}"

@@ -19,10 +19,12 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -34,9 +36,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from modelfleet import checkpoint, registry, upstream
+from modelfleet import checkpoint, handover, registry, upstream
 from modelfleet.config import StackConfig, Tier, load_config_file
-from modelfleet.errors import ApiError, ConnectFailed, FleetError, Stale, UpstreamError
+from modelfleet.errors import ApiError, ConnectFailed, FleetError, Stale, StartupError, Unavailable, UpstreamError
 from modelfleet.fleet import Lease
 from modelfleet.lifecycle import State
 from modelfleet.metrics import Metrics
@@ -81,6 +83,7 @@ HOP_BY_HOP = frozenset(
 FORWARD_HEADERS = ("content-type", "accept")
 _TOKENS = re.compile(rb'"(?:completion_tokens|predicted_n|tokens_predicted)"\s*:\s*(\d+)')
 BAD_KEY = "missing or wrong {which}; send 'Authorization: Bearer <key>'"
+FRESH_GRACE_S = 1.0  # on shutdown, how long a connection with no request yet may take to send one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,10 @@ class FrontDoor:
         self.fast_paths = frozenset(path.encode() for path in MODEL_ROUTES)
         self.max_body_bytes = cfg.api.max_body_bytes
         self.started = time.time()
+        self.listener: socket.socket | None = None  # bound by main(); handed to a successor on reload
+        self.predecessor: handover.Predecessor | None = None
+        self.server: uvicorn.Server | None = None
+        self.shutting_down = False
         self.metrics = Metrics(self.router)
         self.app = Starlette(
             routes=self._routes(),
@@ -135,14 +142,36 @@ class FrontDoor:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.router.adopt()
         monitor = asyncio.create_task(self.router.monitor()) if self.run_monitor else None
+        control = await self._take_over_and_offer()
         log.info("front door ready on %s:%s", self.cfg.api.host, self.cfg.api.port)
         try:
             yield
         finally:
+            await handover.close(control)
             if monitor is not None:
                 monitor.cancel()
                 await asyncio.gather(monitor, return_exceptions=True)
             await self.router.close()  # and its HTTP client
+
+    async def _take_over_and_offer(self) -> asyncio.AbstractServer | None:
+        """Tell the front door we took the socket from that we serve now; then offer it to our successor."""
+        if self.predecessor is not None:
+            await asyncio.to_thread(self.predecessor.ready)
+            self.predecessor = None
+        if self.listener is None:
+            return None
+        return await handover.offer(self.stack.store.dir, self.cfg.api.port, self.listener, self.hand_off)
+
+    def hand_off(self) -> None:
+        """A successor serves on our socket now: stop accepting, finish what is in flight, exit."""
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def begin_shutdown(self) -> None:
+        """Told to stop (SIGTERM): requests waiting for a slot get 503 with Retry-After at once."""
+        self.shutting_down = True
+        for pool in self.router.pools.values():
+            pool.fail_waiters(Unavailable("the front door is shutting down; retry in a moment"))
 
     # --- access ------------------------------------------------------------------
 
@@ -540,11 +569,19 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return exc.exit_code
     stack = Stack(cfg, args.state_dir, binary, say=log.info, stop_grace_s=cfg.api.stop_grace_s)
-    app = create_app(cfg, stack)
-    uvicorn.run(
-        app,
-        host=cfg.api.host,
-        port=cfg.api.port,
+    door = create_app(cfg, stack)
+    # The socket of a running front door of this stack if there is one (a reload), else our own.
+    taken = handover.take(args.state_dir, cfg.api.port)
+    if taken is not None:
+        door.listener, door.predecessor = taken
+    else:
+        try:
+            door.listener = handover.listen(cfg.api.host, cfg.api.port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", cfg.api.host, cfg.api.port, exc.strerror or exc)
+            return StartupError.exit_code
+    config = uvicorn.Config(
+        door,
         log_level="warning",
         access_log=False,
         loop="uvloop",
@@ -552,7 +589,35 @@ def main(argv: list[str] | None = None) -> int:
         proxy_headers=False,  # nothing here reads the client address; the middleware costs on every request
         timeout_graceful_shutdown=int(cfg.api.drain_timeout_s) or None,
     )
+    server = FrontDoorServer(config, door)
+    door.server = server
+    server.run(sockets=[door.listener])
     return 0
+
+
+class FrontDoorServer(uvicorn.Server):
+    """uvicorn's server, telling the front door when it is told to stop."""
+
+    def __init__(self, config: uvicorn.Config, door: FrontDoor) -> None:
+        super().__init__(config)
+        self.door = door
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop accepting first, then let connections accepted a moment ago send their request
+        (up to ``FRESH_GRACE_S``) before uvicorn closes the idle ones: none is cut unanswered."""
+        for server in self.servers:
+            server.close()
+        deadline = time.monotonic() + FRESH_GRACE_S
+        while time.monotonic() < deadline and any(
+            getattr(c, "cycle", True) is None for c in self.server_state.connections
+        ):
+            await asyncio.sleep(0.01)
+        await super().shutdown(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        with contextlib.suppress(RuntimeError):  # no loop yet: nothing is waiting
+            asyncio.get_running_loop().call_soon_threadsafe(self.door.begin_shutdown)
 
 
 if __name__ == "__main__":

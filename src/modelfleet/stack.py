@@ -360,8 +360,53 @@ class Stack:
         with self.store.lock():
             records = self.store.read()
             old = [r for r in records.values() if r.component == name]
+            if name == API_COMPONENT and len(old) == 1 and len(specs) == 1 and self.launcher.alive(old[0].handle):
+                try:
+                    return self._hand_over(specs[0], old[0])
+                except StartupError as exc:
+                    if not self.launcher.alive(old[0].handle):
+                        raise
+                    self.say(f"{exc}".splitlines()[0] + "; restarting the front door instead")
             self._stop_records(old)
             return self._start_locked(specs)
+
+    def _hand_over(self, spec: InstanceSpec, old: InstanceRecord) -> StartReport:
+        """Reload the front door with no refused connection: the new one starts beside the old, takes its
+        listening socket (see :mod:`modelfleet.handover`) and says when it serves; the old one then stops
+        accepting, finishes what it has in flight and exits."""
+        report = StartReport()
+        started: list[InstanceRecord] = []
+        new_handle = None
+        try:
+            new = self._launch(spec, started)
+            new_handle = new.handle
+            bound = spec.health_timeout_s + self.cfg.api.drain_timeout_s + self.stop_grace_s
+            deadline = time.monotonic() + bound
+            while self.launcher.alive(old.handle):
+                code = self.launcher.exit_code(new_handle)
+                if code is not None:
+                    raise StartupError(
+                        f"{spec.name} (pid {new.pid}) exited with code {code} while taking over; the running "
+                        f"front door (pid {old.pid}) keeps serving.\n"
+                        + tail_text(self.launcher.read_log(new_handle), new.log_file)
+                    )
+                if time.monotonic() > deadline:
+                    self.say(f"the old front door (pid {old.pid}) did not hand over within {bound:g} s; stopping it")
+                    self.launcher.stop([old.handle], self.stop_grace_s, self.say)
+                    break
+                time.sleep(health.POLL_INTERVAL_S)
+            self.say(f"{spec.name} (pid {old.pid}) handed over to pid {new.pid}")
+            waiter = self._waiter(spec, new)
+            self._wait([waiter])
+        except BaseException:
+            if started:
+                self._stop_records(started)
+                if self.launcher.alive(old.handle):
+                    self.store.put(old)  # it still serves: keep knowing it
+            raise
+        report.started.append(spec.name)
+        report.ready_s[spec.name] = waiter.elapsed_s
+        return report
 
     # --- status --------------------------------------------------------------
 
