@@ -351,3 +351,36 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(
     with serving(app, timeout_keep_alive=1) as port, connect(port) as sock:
         t0 = time.monotonic()
         assert closed(sock, within_s=5) and time.monotonic() - t0 < 4
+
+
+def test_shutdown_closes_idle_connections_and_requests_still_arriving(app: App) -> None:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,  # type: ignore[arg-type]
+            host="127.0.0.1",
+            port=port,
+            http=wire.FrontDoorProtocol,  # type: ignore[arg-type]
+            loop="uvloop",
+            lifespan="off",
+            log_level="critical",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    with connect(port) as idle, connect(port) as uploading:
+        idle.sendall(request("GET", "/"))
+        assert read_response(idle, bytearray())[0] == 200
+        uploading.sendall(request("POST", "/", b"0123456789")[:-5])
+        deadline = time.monotonic() + 5
+        while not any(getattr(c, "reading", None) for c in server.server_state.connections):
+            assert time.monotonic() < deadline, "the half-sent request never reached the server"
+            time.sleep(0.01)
+        server.should_exit = True
+        thread.join(5)
+        assert not thread.is_alive(), "shutdown waited on a request still arriving"
+        assert closed(idle) and closed(uploading)

@@ -226,11 +226,14 @@ class FrontDoorProtocol(HttpToolsProtocol):
                 self._go_idle()  # bytes that began no request (blank lines): still idle
 
     def shutdown(self) -> None:
-        """The server is shutting down: finish the answer under way (if any), then close."""
+        """The server is shutting down: finish the answer under way (if any), then close.
+
+        Requests read ahead of it are dropped, and so is one whose body is still arriving.
+        """
         ex = self.exchange
         self._stopped = True
         self.ahead.clear()
-        if ex is None or ex.response_complete:
+        if ex is None or ex.response_complete or ex.task is None:
             self.transport.close()
         else:
             ex.keep_alive = False
