@@ -269,3 +269,108 @@ def test_a_body_that_runs_to_the_close_and_a_large_body_read_slowly_arrive_whole
         await client.close()
 
     run(main())
+
+
+def test_bytes_that_are_not_http_before_the_headers_are_garbled_an_upstream_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+        writer.close()
+
+    async def main() -> None:
+        server, port = await serve(handler)
+        client = upstream.Client()
+        with pytest.raises(upstream.Garbled, match="did not answer HTTP") as caught:
+            await client.request("GET", "127.0.0.1", port, "/", {}, b"")
+        assert isinstance(caught.value, upstream.UpstreamError)  # retried elsewhere, its slot freed
+        server.close()
+        await client.close()
+
+    run(main())
+
+
+def test_a_request_http_cannot_carry_is_unsendable_and_never_sent() -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    async def main() -> None:
+        server, port = await serve(handler)
+        client = upstream.Client()
+        for target, headers in (
+            ("/caf\u20ac", {}),  # not Latin-1
+            ("/a\r\nX-Injected: 1", {}),
+            ("/a b", {}),
+            ("/", {"Accept": "x\r\nX-Injected: 1"}),
+        ):
+            with pytest.raises(upstream.Unsendable):
+                await client.request("GET", "127.0.0.1", port, target, headers, b"")
+        assert connections == 0
+        server.close()
+        await client.close()
+
+    run(main())
+
+
+def test_body_begun_waits_for_the_first_body_byte_and_reports_a_cut_before_it() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_request(reader)
+        if b"/dies" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        elif b"/empty" in head:
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(b"2\r\nok\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server, port = await serve(handler)
+        client = upstream.Client()
+        response = await client.request("GET", "127.0.0.1", port, "/dies", {}, b"")
+        with pytest.raises(upstream.BrokenOff):
+            await response.body_begun()
+        response.close()
+        response = await client.request("GET", "127.0.0.1", port, "/empty", {}, b"")
+        await response.body_begun()
+        assert response.arrived and await read_all(response) == b""
+        response.close()
+        response = await client.request("GET", "127.0.0.1", port, "/later", {}, b"")
+        assert not response.arrived
+        await response.body_begun()
+        assert await read_all(response) == b"ok"
+        response.close()
+        server.close()
+        await client.close()
+
+    run(main())
+
+
+def test_an_interim_1xx_response_is_skipped() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server, port = await serve(handler)
+        client = upstream.Client()
+        response = await client.request("GET", "127.0.0.1", port, "/", {}, b"")
+        assert response.status == 200 and [k for k, _ in response.raw_headers] == [b"Content-Length"]
+        assert await read_all(response) == b"ok"
+        response.close()
+        server.close()
+        await client.close()
+
+    run(main())

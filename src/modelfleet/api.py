@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import re
 import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import FrameType
@@ -38,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from modelfleet import checkpoint, handover, registry, upstream
 from modelfleet.config import StackConfig, Tier, load_config_file
-from modelfleet.errors import ApiError, ConnectFailed, FleetError, Stale, StartupError, Unavailable, UpstreamError
+from modelfleet.errors import ApiError, ConnectFailed, FleetError, StartupError, Unavailable, Unsendable, UpstreamError
 from modelfleet.fleet import Lease
 from modelfleet.lifecycle import State
 from modelfleet.metrics import Metrics
@@ -46,7 +48,7 @@ from modelfleet.pool import Pool
 from modelfleet.router import Router
 from modelfleet.spec import BinaryInfo, find_llama_server, probe_binary
 from modelfleet.stack import Stack
-from modelfleet.wire import FrontDoorProtocol
+from modelfleet.wire import CutShort, FrontDoorProtocol
 
 log = logging.getLogger("modelfleet.api")
 
@@ -84,6 +86,11 @@ FORWARD_HEADERS = ("content-type", "accept")
 _TOKENS = re.compile(rb'"(?:completion_tokens|predicted_n|tokens_predicted)"\s*:\s*(\d+)')
 BAD_KEY = "missing or wrong {which}; send 'Authorization: Bearer <key>'"
 FRESH_GRACE_S = 1.0  # on shutdown, how long a connection with no request yet may take to send one
+# Decoded path characters never forwarded: they would end or split the upstream request line.
+_UNFORWARDABLE = re.compile(r"[\x00-\x20\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PATH_SAFE = "/!$&'()*+,;=:@~"  # left as they are when a path is forwarded; the rest is percent-encoded
+TAGGED_ERROR_MAX = 64 * 1024  # backend error bodies up to this size get "source": "backend"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +116,7 @@ class FrontDoor:
         self.stack = stack
         self.run_monitor = monitor
         self.router = Router(cfg, stack)
-        # Served by wire.Exchange, uvicorn's request cycle bypassed (see wire.FrontDoorProtocol).
-        self.fast_paths = frozenset(path.encode() for path in MODEL_ROUTES)
-        self.max_body_bytes = cfg.api.max_body_bytes
+        self.max_body_bytes = cfg.api.max_body_bytes  # enforced by wire.FrontDoorProtocol as requests arrive
         self.started = time.time()
         self.listener: socket.socket | None = None  # bound by main(); handed to a successor on reload
         self.predecessor: handover.Predecessor | None = None
@@ -121,8 +126,10 @@ class FrontDoor:
         self.app = Starlette(
             routes=self._routes(),
             lifespan=self._lifespan,
-            exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
+            exception_handlers={HTTPException: self._http_error, Exception: self._internal_error},  # type: ignore[dict-item]
         )
+        # No redirect of /path/ to /path: Starlette would build the Location from the Host header.
+        self.app.router.redirect_slashes = False
 
     def _routes(self) -> list[Route]:
         methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
@@ -181,6 +188,10 @@ class FrontDoor:
         async def guarded(request: Request) -> Response:
             try:
                 self._check_key(request.headers, admin)
+                if admin and request.method != "GET":
+                    # A change runs to its end even if its client leaves (a request whose client is
+                    # gone is cancelled, see wire.Exchange): a half-done stop or restore helps nobody.
+                    return await asyncio.shield(handler(request))
                 return await handler(request)
             except FleetError as exc:
                 return error_response(exc)
@@ -191,14 +202,18 @@ class FrontDoor:
         """Client routes need the API key, admin routes the admin key (else the API key), when set."""
         api = self.cfg.api
         key = (api.admin_key or api.api_key) if admin else api.api_key
-        if key is not None and _presented_key(headers) != key:
+        if key is not None and not _same_key(_presented_key(headers), key):
             which = "admin key" if admin and api.admin_key else "API key"
             raise ApiError(401, BAD_KEY.format(which=which), "authentication_error")
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        msg = f"{request.method} {request.scope['path']}: {exc.detail}"  # not request.url: it reads the Host header
         return error_response(ApiError(exc.status_code, msg, kind, headers=exc.headers))
+
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        """A fault of the front door itself (Starlette has logged it): still an answer in the usual shape."""
+        return error_response(ApiError(500, "the front door failed to answer; see its log", "server_error"))
 
     # --- proxy routes --------------------------------------------------------------
 
@@ -208,6 +223,10 @@ class FrontDoor:
         if scope["type"] == "http" and scope["path"] in MODEL_ROUTES:
             response = await self._model_route(scope, receive)
             await response(scope, receive, send)
+        elif scope["type"] == "http" and _CONTROL.search(scope["path"]):
+            # No route has one, and Starlette's would not match across a line break (a 404 that hides why).
+            msg = "the path has a control character (CR, LF, NUL, TAB, DEL)"
+            await error_response(ApiError(400, msg, "invalid_request_error"))(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -234,8 +253,12 @@ class FrontDoor:
 
     async def upstream_route(self, request: Request) -> Response:
         pool = self._pool(request.path_params["role"])
+        decoded = request.path_params["path"]
+        if _UNFORWARDABLE.search(decoded):
+            msg = "the path has a space or control character (CR, LF, NUL, TAB, DEL); none is forwarded"
+            raise ApiError(400, msg, "invalid_request_error")
         body = await self._read_body(request.headers, request.receive)
-        path = "/" + request.path_params["path"]
+        path = "/" + urllib.parse.quote(decoded, safe=_PATH_SAFE)  # non-ASCII as UTF-8, percent-encoded
         return await self.proxy(_incoming(request, body), pool, path, stream=True)
 
     def _pool(self, name: str | None) -> Pool:
@@ -246,7 +269,12 @@ class FrontDoor:
         return ApiError(413, f"request body is larger than {limit} bytes (api.max_body_bytes)", "invalid_request_error")
 
     def _check_declared(self, declared: str | None) -> None:
-        if declared is not None and declared.isdigit() and int(declared) > self.cfg.api.max_body_bytes:
+        if (
+            declared is not None
+            and declared.isascii()
+            and declared.isdigit()
+            and int(declared) > self.cfg.api.max_body_bytes
+        ):
             raise self._too_big()
 
     async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
@@ -282,25 +310,38 @@ class FrontDoor:
                 response = await self.router.client.request(
                     incoming.method, backend.reach_host, backend.port, target, headers, incoming.body
                 )
+                try:
+                    # The answer starts with its first body byte: until then, nothing has gone to the
+                    # client, and a backend that fails (dies after its headers) may be retried elsewhere.
+                    await response.body_begun()
+                except BaseException:
+                    response.close()
+                    raise
                 return ProxyResponse(self, pool, lease, response, t0, keep_alive=not stream)
             except BaseException as exc:
-                lease.release()
+                lease.release()  # whatever went wrong before the answer began, the slot is free again
                 if isinstance(exc, asyncio.CancelledError):
                     # The client left while the backend worked: the closed connection cancels its task there.
                     self.metrics.child(self.metrics.requests, pool.role, backend.name, "499").inc()
                     raise
+                if isinstance(exc, Unsendable):
+                    raise ApiError(400, f"the request cannot be forwarded: {exc}", "invalid_request_error") from exc
+                if isinstance(exc, TimeoutError):
+                    self.metrics.errors.labels(pool.role, "backend").inc()
+                    raise ApiError(504, f"{backend.name} did not answer in time", "timeout_error", "backend") from exc
+                if not isinstance(exc, UpstreamError):
+                    raise
+                # Refused, a kept-alive connection the backend had closed, bytes that are not HTTP, or a
+                # response cut off before its body began: nothing was passed on to the client yet.
                 if isinstance(exc, ConnectFailed):
                     self.router.report_failure(backend)
-                if isinstance(exc, ConnectFailed | Stale) and attempt == 1:
-                    # Refused, or a kept-alive connection the backend had closed: nothing was sent back yet.
+                if attempt == 1:
                     others = any(b.key != backend.key for b in pool.ready)
                     exclude = frozenset({backend.key}) if others else frozenset()
                     continue
-                if not isinstance(exc, UpstreamError):
-                    raise
                 self.metrics.errors.labels(pool.role, "backend").inc()
                 raise ApiError(
-                    exc.http_status, f"{backend.name} failed before answering: {exc}", source="backend"
+                    502, f"{backend.name} failed before answering: {exc}", "upstream_error", "backend"
                 ) from exc
         raise AssertionError("unreachable")
 
@@ -416,7 +457,9 @@ class ProxyResponse(Response):
     """Streams an upstream response to the client chunk by chunk; frees the slot at the end.
 
     If the client disconnects, the upstream stream is closed at once: llama-server sees
-    the closed connection, cancels the generation and frees its slot.
+    the closed connection, cancels the generation and frees its slot. If the backend
+    breaks off mid-stream, a server-sent event stream ends with an error event (and its
+    proper end); any other body is cut short, so the client sees it is incomplete.
     """
 
     def __init__(
@@ -452,6 +495,8 @@ class ProxyResponse(Response):
         """The whole body is already here (a short answer): send it at once, no disconnect watch needed."""
         body = b"".join([chunk async for chunk in self.response.chunks()])
         self._observe(self.door.metrics.ttft)
+        if self.status_code >= 400 and len(body) < TAGGED_ERROR_MAX:
+            body, headers = _tag_backend_error(body, headers)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -472,6 +517,8 @@ class ProxyResponse(Response):
         watcher = asyncio.create_task(watch())
         tail = b""
         complete = False
+        failed: int | None = None
+        sse = any(k == b"content-type" and v.lower().startswith(b"text/event-stream") for k, v in headers)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
             first = True
@@ -489,35 +536,71 @@ class ProxyResponse(Response):
             log.info("client left %s on %s; upstream request cancelled", self.pool.role, self.backend.name)
         except UpstreamError as exc:
             log.warning("%s broke off mid-response: %r", self.backend.name, exc)
+            timeout = isinstance(exc, TimeoutError)
+            failed = 504 if timeout else 502
             self.door.metrics.errors.labels(self.pool.role, "backend").inc()
+            if not sse:
+                raise CutShort(str(exc)) from exc
+            what = "did not send anything for" if timeout else "broke off mid-response"
+            detail = f"{self.door.cfg.api.request_timeout_s:g} s" if timeout else str(exc)
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": _sse_error(tail, failed, f"{self.backend.name} {what} {detail}"),
+                    "more_body": True,
+                }
+            )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
-            self._finish(complete, tail, cancelled=gone.is_set())
+            self._finish(complete, tail, cancelled=gone.is_set(), failed=failed)
 
-    def _finish(self, complete: bool, tail: bytes, cancelled: bool) -> None:
+    def _finish(self, complete: bool, tail: bytes, cancelled: bool, failed: int | None = None) -> None:
         """Free the connection and the slot now; count the request once the answer has left."""
         if complete and self.keep_alive:
             self.response.release()
         else:
             self.response.close()  # closing the connection makes llama-server cancel the task
         self.lease.release()
-        # On uvicorn's path the answer is written at the end of this loop turn
-        # (wire.CoalescingTransport): the metrics wait for the turn after, off the response's path.
-        asyncio.get_running_loop().call_soon(self._record, tail, cancelled)
+        # The answer is written at the end of this loop turn (wire.CoalescingTransport):
+        # the metrics wait for the turn after, off the response's path.
+        asyncio.get_running_loop().call_soon(self._record, tail, cancelled, failed)
 
     def _observe(self, hist: Any) -> None:
         self.door.metrics.child(hist, self.pool.role, self.backend.name).observe(time.perf_counter() - self.t0)
 
-    def _record(self, tail: bytes, cancelled: bool) -> None:
+    def _record(self, tail: bytes, cancelled: bool, failed: int | None) -> None:
         m = self.door.metrics
-        code = "499" if cancelled else str(self.status_code)
+        code = "499" if cancelled else str(failed or self.status_code)
         m.child(m.requests, self.pool.role, self.backend.name, code).inc()
         self._observe(m.latency)
-        if self.status_code >= 500:
+        if self.status_code >= 500 and failed is None:
             m.errors.labels(self.pool.role, "backend").inc()
         found = _TOKENS.findall(tail)
         if found:
             m.child(m.tokens, self.pool.role, self.backend.name).inc(int(found[-1]))
+
+
+def _sse_error(tail: bytes, status: int, message: str) -> bytes:
+    """An error event in OpenAI's shape, as its own event whatever the stream had sent of the last one."""
+    kind = "timeout_error" if status == 504 else "upstream_error"
+    event = {"error": {"message": message, "type": kind, "code": status, "source": "backend"}}
+    sep = b"" if not tail or tail.endswith(b"\n\n") else b"\n" if tail.endswith(b"\n") else b"\n\n"
+    return sep + b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def _tag_backend_error(body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """A backend's JSON error body with ``"source": "backend"`` added (and its Content-Length to match)."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return body, headers
+    if not isinstance(payload, dict) or not isinstance(payload.get("error"), dict) or "source" in payload["error"]:
+        return body, headers
+    payload["error"]["source"] = "backend"
+    tagged = json.dumps(payload).encode()
+    fixed = [(k, str(len(tagged)).encode() if k == b"content-length" else v) for k, v in headers]
+    return tagged, fixed
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:
@@ -527,8 +610,20 @@ def _presented_key(headers: Mapping[str, str]) -> str | None:
     return headers.get("x-api-key")
 
 
+def _same_key(presented: str | None, key: str) -> bool:
+    """Whether the presented key is the key, compared in constant time."""
+    if presented is None:
+        return False
+    try:
+        given = presented.encode("latin-1")  # headers are read as latin-1: these are the bytes sent
+    except UnicodeEncodeError:
+        given = presented.encode("utf-8")
+    return hmac.compare_digest(given, key.encode("utf-8"))
+
+
 def _incoming(request: Request, body: bytes) -> Incoming:
-    return Incoming(request.method, request.url.query, request.headers, body)
+    # The raw query, not request.url's: that one is rebuilt from the Host header.
+    return Incoming(request.method, request.scope["query_string"].decode("latin-1"), request.headers, body)
 
 
 def _parse_json(body: bytes) -> Mapping[str, Any]:
@@ -536,6 +631,8 @@ def _parse_json(body: bytes) -> Mapping[str, Any]:
         payload = json.loads(body) if body else {}
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", "invalid_request_error") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "the request body is JSON nested too deeply", "invalid_request_error") from exc
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_request_error")
     return payload

@@ -31,6 +31,8 @@ front door's one error handler (``api.error_response``) and the upstream client.
     ├── UpstreamError                       HTTP 502   the backend failed (source: backend)
     │   ├── ConnectFailed                               refused before any byte: safe to retry elsewhere
     │   ├── Stale                                       a kept-alive connection it had closed: safe to retry
+    │   ├── Garbled                                     answered bytes that are not HTTP: safe to retry
+    │   ├── Unsendable                      HTTP 400   the request cannot be written as HTTP (source: frontdoor)
     │   ├── BrokenOff                                   failed after its answer began
     │   └── UpstreamTimeout                 HTTP 504   silent past the read timeout
     └── ApiError                            any        an HTTP error the front door answers as it is
@@ -205,6 +207,17 @@ class ConnectFailed(UpstreamError):
 
 class Stale(UpstreamError):
     """A kept-alive connection turned out closed before any byte of the answer: safe to retry."""
+
+
+class Garbled(UpstreamError):
+    """What came back before a response's headers was not HTTP (nothing was answered): safe to retry."""
+
+
+class Unsendable(UpstreamError):
+    """The request cannot be written as HTTP (a target or header HTTP cannot carry); nothing was sent."""
+
+    http_status = 400
+    source = "frontdoor"
 
 
 class BrokenOff(UpstreamError):

@@ -14,7 +14,10 @@ parser directly:
 * a reused connection that fails before any byte of the response arrives raises
   ``Stale``, so the caller may retry it elsewhere: nothing was answered yet;
 * ``sock_read`` bounds the silence between two arrivals (headers or chunks), one
-  timer per request rather than one per chunk.
+  timer per request rather than one per chunk;
+* every failure is one of this module's errors, whatever its cause (a request that
+  HTTP cannot carry, bytes that are not HTTP), so a caller that holds a backend's slot
+  for the request always learns that it failed and frees it.
 
 The monitor's health probes go through the same client.
 """
@@ -23,16 +26,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 from collections.abc import AsyncIterator, Mapping
 
 import httptools
 
-from modelfleet.errors import BrokenOff, ConnectFailed, Stale, UpstreamError, UpstreamTimeout
+from modelfleet.errors import BrokenOff, ConnectFailed, Garbled, Stale, Unsendable, UpstreamError, UpstreamTimeout
 
-__all__ = ["BrokenOff", "Client", "ConnectFailed", "Response", "Stale", "UpstreamError", "UpstreamTimeout"]
+__all__ = [
+    "BrokenOff",
+    "Client",
+    "ConnectFailed",
+    "Garbled",
+    "Response",
+    "Stale",
+    "Unsendable",
+    "UpstreamError",
+    "UpstreamTimeout",
+]
 
 HIGH_WATER = 1 << 20  # bytes queued for a slow reader before the socket is paused
 MAX_IDLE_PER_HOST = 64
+_UNSAFE_TARGET = re.compile(r"[\x00-\x20\x7f]")  # would end or split the request line
+_UNSAFE_HEADER = re.compile(r"[\r\n\x00]")
 
 
 class _Connection(asyncio.Protocol):
@@ -44,6 +60,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None
         self.closed = False
+        self.interim = False  # parsing a 1xx response, which precedes the real one
 
     # asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -62,8 +79,14 @@ class _Connection(asyncio.Protocol):
         response.last_arrival = self.loop.time()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            response._fail(BrokenOff(f"malformed response from the backend: {exc}"))
+        except httptools.HttpParserUpgrade:
+            response._fail(BrokenOff("the backend switched protocols"))
+            self.close()
+        except Exception as exc:  # httptools' errors, or a callback's: the connection cannot be trusted
+            if response._started:
+                response._fail(BrokenOff(f"malformed response from the backend: {exc}"))
+            else:
+                response._fail(Garbled(f"the backend did not answer HTTP: {exc}"))
             self.close()
 
     # httptools callbacks
@@ -73,7 +96,12 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self.response is not None
-        self.response._headers_done(self.parser.get_status_code())
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:  # 100 Continue, 103 Early Hints: the answer follows
+            self.interim = True
+            self.response.raw_headers.clear()
+            return
+        self.response._headers_done(status)
 
     def on_body(self, body: bytes) -> None:
         assert self.response is not None
@@ -81,6 +109,9 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.response is not None
+        if self.interim:
+            self.interim = False
+            return
         self.response._complete(self.parser.should_keep_alive())
 
     def close(self) -> None:
@@ -191,6 +222,18 @@ class Response:
             assert self._error is not None
             raise self._error
 
+    async def body_begun(self) -> None:
+        """Wait for the first byte of the body, or the end of a message without one.
+
+        Raises ``BrokenOff`` or ``TimeoutError`` if the response fails first: then none of
+        its body came, so a caller that has passed nothing on may still retry it elsewhere.
+        """
+        while not self._chunks and not self._done and self._error is None:
+            await self._wait()
+        if not self._chunks and not self._done:
+            assert self._error is not None
+            raise self._error
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body, chunk by chunk as it arrives (never buffered to its end)."""
         while True:
@@ -285,20 +328,17 @@ class Client:
     ) -> Response:
         """Send a request; return once the status line and headers have arrived.
 
-        Raises ``ConnectFailed`` or ``Stale`` (nothing was answered: safe to retry
-        elsewhere), ``UpstreamTimeout`` when the backend stays silent past ``sock_read``.
+        Raises ``ConnectFailed``, ``Stale`` or ``Garbled`` (nothing was answered: safe to
+        retry elsewhere), ``Unsendable`` (nothing was sent: the request itself is at
+        fault), ``UpstreamTimeout`` (a ``TimeoutError``) when the backend stays silent past ``sock_read``.
         """
+        head = _head(method, host, port, target, headers, body)
         key = (host, port)
         conn = await self._connection(key)
         response = Response(self, key, conn, head=method == "HEAD", sock_read=self.sock_read)
         conn.response = response
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
-        if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
         assert conn.transport is not None
-        conn.transport.write("".join(lines).encode("latin-1") + body)
+        conn.transport.write(head + body)
         try:
             await response._start()
         except BaseException:
@@ -312,3 +352,21 @@ class Client:
                 conn.close()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports finish closing
+
+
+def _head(method: str, host: str, port: int, target: str, headers: Mapping[str, str], body: bytes) -> bytes:
+    """The request line and headers, or ``Unsendable`` if HTTP cannot carry them as given."""
+    if _UNSAFE_TARGET.search(method) or _UNSAFE_TARGET.search(target):
+        raise Unsendable(f"the request target {target!r} has a space or control character")
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
+    for name, value in headers.items():
+        if _UNSAFE_HEADER.search(name) or _UNSAFE_HEADER.search(value):
+            raise Unsendable(f"the header {name!r} has a line break or NUL")
+        lines.append(f"{name}: {value}\r\n")
+    if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    try:
+        return "".join(lines).encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise Unsendable(f"the request has a character HTTP/1.1 cannot carry: {exc}") from exc

@@ -1,4 +1,4 @@
-"""The front door's HTTP/1.1 server protocol: uvicorn's, with a short path for the model routes.
+"""The front door's HTTP/1.1 server: uvicorn's parser and server, with one request cycle of its own.
 
 uvicorn writes a response's status line and headers with one ``write`` and its body
 with another. On loopback each write wakes the client, and on a small machine the
@@ -11,27 +11,74 @@ and hands it to the socket in a single write at the end of that turn, so a respo
 that is ready at once (headers and the whole body) leaves in one segment, and a
 stream's chunks still leave as soon as they are produced.
 
-``FrontDoorProtocol`` also serves the model routes (``POST /v1/chat/completions``
-and the like) through ``Exchange``, a minimal ASGI request cycle, in place of
-uvicorn's general one. The application code is the same either way; the exchange
-skips what a proxy of JSON requests does not need (header validation on every
-response, the per-request scope copy, a second task per request). Everything else
-(other routes, pipelined requests, ``Expect: 100-continue``, upgrades) goes the
-usual uvicorn way.
+``FrontDoorProtocol`` serves every request (any method and route, pipelined requests,
+``Expect: 100-continue``) through ``Exchange``, a minimal ASGI request cycle, in place
+of uvicorn's general one; uvicorn supplies the parser (httptools), flow control, the
+keep-alive timer and the server's lifecycle. The exchange skips what a proxy of JSON
+requests does not need (header validation on every response, a second task per
+request), and it acts on a client that leaves before its answer began: the app's
+task is cancelled, so a request still queued for a slot, or waiting for a whole
+(non-streamed) answer, stops there.
+
+The connection is refused (a JSON error in the front door's shape, then closed) when
+the client does not keep to these limits, module constants here because the stack
+file has no keys for them:
+
+* ``MAX_HEADER_BYTES``: the request line and headers of one request (431);
+* ``HEADER_TIMEOUT_S``: from a request's first byte to the end of its headers (408);
+* ``BODY_TIMEOUT_S``: the longest silence while a request body is arriving (408);
+* the app's ``max_body_bytes`` (``api.max_body_bytes``): a declared ``Content-Length``
+  above it is refused before any of the body is read, a chunked body as soon as it
+  passes it (413);
+* ``MAX_IDLE_CONNECTIONS``: kept-alive connections waiting for their next request,
+  across the server; past it the one idle longest is closed. A connection idle for
+  uvicorn's ``timeout_keep_alive`` closes too, a new one that sends nothing included.
+
+Protocol upgrades (WebSocket, ``h2c``) are not honoured: a bodiless upgrade request
+is answered as plain HTTP/1.1 and the connection closes after it; ``CONNECT`` and an
+upgrade request with a body are refused (400).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import urllib.parse
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import httptools
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Scope
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 
 log = logging.getLogger("modelfleet.api")
+
+MAX_HEADER_BYTES = 64 * 1024
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+MAX_IDLE_CONNECTIONS = 512
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # for an app that names no max_body_bytes
+MAX_READ_AHEAD = 16  # pipelined requests read ahead of the one being answered before reading pauses
+LINGER_S = 1.0  # after a last answer: how long what the client still sends is read and dropped
+
+# Per server: its idle connections, longest idle first.
+_IDLE: weakref.WeakKeyDictionary[ServerState, OrderedDict[FrontDoorProtocol, None]] = weakref.WeakKeyDictionary()
+
+
+class CutShort(Exception):
+    """Raised by the app to end a response it has begun without its proper end, so that the
+    client sees a broken body (a chunked body without its last chunk, or a short one)."""
+
+
+def error_json(status: int, message: str, kind: str) -> bytes:
+    """An error body in OpenAI's shape, from the front door."""
+    error = {"message": message, "type": kind, "code": status, "source": "frontdoor"}
+    return json.dumps({"error": error}).encode()
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -109,98 +156,364 @@ class CoalescingTransport(asyncio.Transport):
         self._inner.set_write_buffer_limits(high, low)
 
 
-class FastApp(Protocol):
-    """An ASGI app that names the routes it wants served by ``Exchange``."""
-
-    fast_paths: frozenset[bytes]  # raw request paths (POST only)
-    max_body_bytes: int
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
-
-
 class FrontDoorProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a ``CoalescingTransport``, with ``Exchange`` for the app's
-    fast paths (pass the class as ``uvicorn.run(http=...)``)."""
+    """uvicorn's httptools protocol over a ``CoalescingTransport``, every request answered by an
+    ``Exchange`` (pass the class as ``uvicorn.run(http=...)``).
+
+    One exchange is answered at a time (``exchange``); requests pipelined behind it are
+    read ahead (``ahead``, bounded) and answered in order. ``reading`` is the exchange
+    whose body is arriving, the answered one or the last one ahead.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        app = self.app
-        fast = getattr(app, "fast_paths", None) is not None and self.limit_concurrency is None
-        self.fast_app: FastApp | None = app if fast else None
+        limit = getattr(self.app, "max_body_bytes", None)
+        self.max_body_bytes: int = limit if isinstance(limit, int) else DEFAULT_MAX_BODY_BYTES
+        self.exchange: Exchange | None = None
+        self.reading: Exchange | None = None
+        self.ahead: deque[Exchange] = deque()
+        self._stopped = False  # input is no longer parsed (refused, upgraded, closing)
+        self._head_bytes = 0  # bytes received of the current request's head, so far
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._idle = _IDLE.setdefault(self.server_state, OrderedDict())
+
+    # --- connection ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
+        self._go_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self._idle.pop(self, None)
+        self._unset_keepalive_if_required()
+        self._stop_timers()
+        if self._linger is not None:
+            self._linger.cancel()
+        self._stopped = True
+        for ex in (self.exchange, *self.ahead):
+            if ex is not None:
+                ex.lost()
+        self.ahead.clear()
+        self.reading = None
+        if self.flow is not None:
+            self.flow.resume_writing()
+        if exc is None:
+            self.transport.close()
+        self.parser = None  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return  # refused or lingering: what still arrives is dropped
+        self._last_read = self.loop.time()
+        if self.reading is None:  # a request's head (or the start of one)
+            self._head_bytes += len(data)
+            self._leave_idle()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._stopped = True  # what follows the request is in a protocol not spoken here
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"malformed HTTP request: {exc}")
+            return
+        if self.reading is None and not self._stopped:
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._refuse(431, f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes")
+            elif self._head_timer is None and self.exchange is None and not self.ahead:
+                self._go_idle()  # bytes that began no request (blank lines): still idle
+
+    def shutdown(self) -> None:
+        """The server is shutting down: finish the answer under way (if any), then close.
+
+        Requests read ahead of it are dropped, and so is one whose body is still arriving.
+        """
+        ex = self.exchange
+        self._stopped = True
+        self.ahead.clear()
+        if ex is None or ex.response_complete or ex.task is None:
+            self.transport.close()
+        else:
+            ex.keep_alive = False
+
+    # --- idle, timers, refusals -----------------------------------------------------------
+
+    def _go_idle(self) -> None:
+        """Nothing is being asked or answered: wait for the next request, bounded in time and number."""
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        idle = self._idle
+        idle[self] = None
+        while len(idle) > MAX_IDLE_CONNECTIONS:
+            oldest, _ = idle.popitem(last=False)
+            oldest._unset_keepalive_if_required()
+            oldest.transport.close()
+
+    def _leave_idle(self) -> None:
+        self._idle.pop(self, None)
+        self._unset_keepalive_if_required()
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self._stopped or self.reading is not None:
+            return
+        if self.flow.read_paused:  # paused here (requests read ahead): the delay is not the client's
+            self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timeout)
+            return
+        self._refuse(408, f"the request headers did not arrive within {HEADER_TIMEOUT_S:g} s", "timeout_error")
+
+    def _arm_body_timer(self) -> None:
+        if self._body_timer is None:
+            self._body_timer = self.loop.call_at(self._last_read + BODY_TIMEOUT_S, self._body_timeout)
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        ex = self.reading
+        if ex is None or self._stopped:
+            return
+        now = self.loop.time()
+        if self.flow.read_paused or ex.expect_100:  # waiting on the front door, not on the client
+            self._last_read = now
+        elif now - self._last_read >= BODY_TIMEOUT_S:
+            self._refuse(408, f"the request body stalled for {BODY_TIMEOUT_S:g} s", "timeout_error")
+            return
+        self._arm_body_timer()
+
+    def _stop_timers(self) -> None:
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None
+
+    def _refuse(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        """Stop reading requests; answer ``status`` in turn (after what is being answered), then close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_timers()
+        self.flow.resume_reading()  # keep noticing a client that leaves; what it sends is dropped
+        refusal = Exchange(self, None, keep_alive=False, refusal=(status, message, kind))
+        cut, self.reading = self.reading, None  # a request cut short is answered by the refusal
+        if cut is not None:
+            if cut is self.exchange:
+                if cut.task is not None:  # pragma: no cover - a task starts only once its body is whole
+                    self.transport.close()
+                    return
+                self.exchange = None
+            else:
+                self.ahead.remove(cut)
+        if self.exchange is None:
+            refusal.begin()
+        else:
+            self.ahead.append(refusal)
+
+    def close_softly(self) -> None:
+        """Close once the answer has left: half-close, then drop what the client still sends for
+        ``LINGER_S`` (closing with unread input resets the connection, and the answer may be lost)."""
+        self._stopped = True
+        transport = self.transport
+        if self._linger is not None or transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                transport.close()
+                return
+            self._linger = self.loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+
+    # --- parser callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._stopped:
+            return
+        super().on_message_begin()
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timeout)
 
     def on_headers_complete(self) -> None:
-        app = self.fast_app
-        if (
-            app is not None
-            and (self.cycle is None or self.cycle.response_complete)  # else it queues, the usual way
-            and not self.expect_100_continue
-            and self.parser.get_method() == b"POST"
-            and not self.parser.should_upgrade()
-        ):
-            url = httptools.parse_url(self.url)
-            if url.path in app.fast_paths:
-                version = self.parser.get_http_version()
-                scope: Scope = self.scope  # type: ignore[assignment]  # uvicorn's TypedDict, filled in here
-                scope["method"] = "POST"
-                scope["path"] = url.path.decode("ascii")
-                scope["raw_path"] = url.path
-                scope["query_string"] = url.query or b""
-                scope["http_version"] = version
-                keep_alive = version != "1.0" and self.parser.should_keep_alive()
-                self.cycle = Exchange(self, app, scope, keep_alive)  # type: ignore[assignment]
+        if self._stopped:
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._head_bytes = 0
+        parser = self.parser
+        size = len(self.url)
+        declared: bytes | None = None
+        chunked = False
+        for name, value in self.headers:
+            size += len(name) + len(value) + 4
+            if name == b"content-length":
+                declared = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if size > MAX_HEADER_BYTES:
+            self._refuse(431, f"the request line and headers are larger than {MAX_HEADER_BYTES} bytes")
+            return
+        method = parser.get_method()
+        version = parser.get_http_version()
+        keep_alive = version != "1.0" and parser.should_keep_alive()
+        has_body = chunked or (declared is not None and declared.strip(b"0") != b"")
+        if parser.should_upgrade():
+            if method == b"CONNECT" or has_body:
+                self._refuse(400, "CONNECT and protocol upgrades are not supported: the front door speaks HTTP/1.1")
                 return
-        super().on_headers_complete()
+            keep_alive = False  # answered as plain HTTP/1.1; the parser stops after it
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            self._refuse(400, "the request target is not a valid URL")
+            return
+        if declared is not None and int(declared) > self.max_body_bytes:
+            self._refuse(
+                413,
+                f"the request body ({int(declared)} bytes) is larger than {self.max_body_bytes} bytes "
+                "(api.max_body_bytes)",
+            )
+            return
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            self._refuse(503, "the front door is at its concurrency limit; retry later", "unavailable_error")
+            return
+        raw_path = url.path or b"/"
+        path = raw_path.decode("latin-1")  # llhttp admits only printable ASCII in a request target
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope: Scope = self.scope  # type: ignore[assignment]  # uvicorn's TypedDict, filled in here
+        scope["method"] = method.decode("ascii")
+        scope["http_version"] = version
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        scope["query_string"] = url.query or b""
+        ex = Exchange(self, scope, keep_alive, expect_100=self.expect_100_continue and has_body)
+        self.reading = ex
+        if has_body:
+            self._arm_body_timer()
+        if self.exchange is None:
+            ex.begin()
+        else:
+            self.ahead.append(ex)
+            if len(self.ahead) >= MAX_READ_AHEAD:
+                self.flow.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.reading
+        if ex is None or self._stopped:
+            return
+        ex.body += body
+        if len(ex.body) > self.max_body_bytes:
+            self._refuse(413, f"request body is larger than {self.max_body_bytes} bytes (api.max_body_bytes)")
+        elif ex is not self.exchange and len(ex.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()  # read ahead far enough; the rest waits for its turn
+
+    def on_message_complete(self) -> None:
+        ex = self.reading
+        if ex is None or self._stopped:
+            return
+        self.reading = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        ex.ended()
+
+    # --- answers ---------------------------------------------------------------------------
+
+    def on_response_complete(self) -> None:
+        """The answered exchange is done: answer the next one read ahead, or wait idle for one."""
+        self.server_state.total_requests += 1
+        self.exchange = None
+        if self.transport.is_closing() or self._linger is not None:
+            return
+        self.flow.resume_reading()
+        if self.ahead:
+            self.ahead.popleft().begin()
+        elif self.reading is None and self._head_timer is None and not self._stopped:
+            self._go_idle()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, msg)
 
 
 class Exchange:
-    """One request on a model route, answered by the app through a minimal ASGI cycle.
+    """One request and its answer, through a minimal ASGI cycle.
 
-    It stands in for uvicorn's ``RequestResponseCycle`` as the protocol's current
-    cycle, so the protocol's own callbacks feed it: ``body`` and ``more_body`` as the
-    request arrives, ``disconnected`` when the client goes, ``keep_alive`` cleared on
-    shutdown, and ``message_event.set()`` (this object) after each of them.
+    The protocol feeds it: the body as it arrives (``body``), its end (``ended``), a
+    client gone (``lost``), and ``begin`` when its turn to be answered comes. The app
+    is called once the whole body is here, and gets it in one ``http.request`` message.
 
     Unlike uvicorn's cycle it acts on a disconnect before the response begins: the
     app's task is cancelled, so a request still queued for a slot, or waiting for a
     whole (non-streamed) answer, stops there and its backend stops working on it.
     """
 
-    def __init__(self, protocol: FrontDoorProtocol, app: FastApp, scope: Scope, keep_alive: bool) -> None:
-        self.protocol, self.app, self.scope, self.keep_alive = protocol, app, scope, keep_alive
+    def __init__(
+        self,
+        protocol: FrontDoorProtocol,
+        scope: Scope | None,
+        keep_alive: bool,
+        expect_100: bool = False,
+        refusal: tuple[int, str, str] | None = None,
+    ) -> None:
+        self.protocol, self.scope, self.keep_alive = protocol, scope, keep_alive
+        self.app: ASGIApp = protocol.app
         transport = protocol.transport
         assert isinstance(transport, CoalescingTransport)
         self.transport = transport
+        self.expect_100 = expect_100  # a 100 Continue is owed before the client sends the body
+        self.refusal = refusal
         self.body = bytearray()
         self.more_body = True
         self.disconnected = False
         self.response_started = False
         self.response_complete = False
         self.chunked = False
-        self.message_event = self
+        self.bare = False  # an answer without a body: HEAD, 1xx, 204, 304
         self.task: asyncio.Task[None] | None = None
         self._read = False  # the app has taken the request body
         self._waiter: asyncio.Future[None] | None = None
 
     # --- fed by the protocol ----------------------------------------------------------------
 
-    def set(self) -> None:
-        """The protocol's signal: more body, the end of it, or a disconnect."""
-        if self.disconnected:
-            self._wake()
-            if self.task is not None and not self.response_started:
-                # Gone before the answer began (queued, or the backend still working on a whole
-                # answer): stop waiting for it; the app closes the upstream connection on the way out.
-                self.task.cancel()
-        elif self.task is None and (not self.more_body or len(self.body) > self.app.max_body_bytes):
-            # The whole request is here (or already too big to accept): hand it to the app.
-            self.task = self.protocol.loop.create_task(self._run())
-            self.protocol.tasks.add(self.task)
-            self.task.add_done_callback(self.protocol.tasks.discard)
-        else:
-            self.protocol.flow.resume_reading()  # the body is gathered here, whatever its size so far
+    def begin(self) -> None:
+        """Its turn to be answered."""
+        protocol = self.protocol
+        protocol.exchange = self
+        if self.refusal is not None:
+            self.error(*self.refusal)
+        elif not self.more_body:
+            self._start_task()
+        elif self.expect_100:
+            self.expect_100 = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.transport.flush()
+            protocol._last_read = protocol.loop.time()  # the body's wait starts now
+
+    def ended(self) -> None:
+        """The whole request body is here."""
+        self.more_body = False
+        if self.protocol.exchange is self and self.task is None:
+            self._start_task()
+
+    def lost(self) -> None:
+        """The client went away."""
+        self.disconnected = True
+        self._wake()
+        if self.task is not None and not self.response_started:
+            # Gone before the answer began (queued, or the backend still working on a whole
+            # answer): stop waiting for it; the app closes the upstream connection on the way out.
+            self.task.cancel()
+
+    def _start_task(self) -> None:
+        protocol = self.protocol
+        self.task = task = protocol.loop.create_task(self._run())
+        protocol.tasks.add(task)
+        task.add_done_callback(protocol.tasks.discard)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -209,27 +522,33 @@ class Exchange:
     # --- the ASGI side ------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        assert self.scope is not None
         try:
             await self.app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
             self.transport.close()
             raise
+        except CutShort:
+            self.transport.close()
         except Exception:
-            log.exception("error answering %s", self.scope["path"])
+            log.exception("error answering %s %s", self.scope["method"], self.scope["path"])
             if not self.response_started:
-                await self._plain(500, b"Internal Server Error")
+                self.error(500, "the front door failed to answer; see its log", "server_error")
             else:
                 self.transport.close()
         else:
             if not self.response_complete and not self.disconnected:
                 log.error("%s returned without completing its response", self.scope["path"])
-                self.transport.close()
+                if not self.response_started:
+                    self.error(500, "the front door returned no answer; see its log", "server_error")
+                else:
+                    self.transport.close()
 
     async def receive(self) -> Message:
         if not self._read and not self.disconnected:
             self._read = True
             body, self.body = bytes(self.body), bytearray()
-            return {"type": "http.request", "body": body, "more_body": self.more_body}
+            return {"type": "http.request", "body": body, "more_body": False}
         while not (self.disconnected or self.response_complete):
             self._waiter = self.protocol.loop.create_future()
             try:
@@ -249,7 +568,9 @@ class Exchange:
         elif message["type"] == "http.response.body" and self.response_started:
             body: bytes = message.get("body", b"")
             more = message.get("more_body", False)
-            if self.chunked:
+            if self.bare:
+                pass
+            elif self.chunked:
                 frame = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
                 self.transport.write(frame if more else frame + b"0\r\n\r\n")
             else:
@@ -266,13 +587,18 @@ class Exchange:
         if self.response_started:
             raise RuntimeError("the response has already started")
         self.response_started = True
-        out = [STATUS_LINE[status]]
+        assert self.scope is not None
+        out = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status]
         delimited = False
         for name, value in (*self.protocol.server_state.default_headers, *headers):
             if name in (b"content-length", b"transfer-encoding"):
                 delimited = True
+            elif name == b"connection" and b"close" in value.lower():
+                self.keep_alive = False
+                continue  # written below, once
             out += (name, b": ", value, b"\r\n")
-        if not delimited:
+        self.bare = self.scope["method"] == "HEAD" or status < 200 or status in (204, 304)
+        if not delimited and not self.bare:
             self.chunked = True
             out.append(b"transfer-encoding: chunked\r\n")
         if not (self.keep_alive and not self.more_body):  # a body left unread ends the connection
@@ -285,11 +611,22 @@ class Exchange:
         self.response_complete = True
         self._wake()
         if not self.keep_alive:
-            self.transport.close()
+            self.protocol.close_softly()
         self.protocol.on_response_complete()  # keep-alive timer, pipelined requests
 
-    async def _plain(self, status: int, text: bytes) -> None:
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(text)).encode())]
+    def error(self, status: int, message: str, kind: str) -> None:
+        """Answer an error in OpenAI's shape at once (nothing sent yet) and end the connection."""
+        if self.response_started or self.disconnected:
+            return
+        self.response_started = self.response_complete = True
         self.keep_alive = False
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
-        await self.send({"type": "http.response.body", "body": text})
+        self._wake()
+        body = error_json(status, message, kind)
+        out = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        for name, value in self.protocol.server_state.default_headers:
+            out += (name, b": ", value, b"\r\n")
+        out.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        out.append(body)
+        self.transport.write(b"".join(out))
+        self.transport.flush()
+        self.protocol.close_softly()
