@@ -182,3 +182,50 @@ def test_reload_of_the_front_door_under_load_refuses_nothing_and_loses_nothing(
     assert _gone(before["orchestrator"]) and _gone(middle)
     failed = [o for o in outcomes if o != "200"]
     assert not failed, f"{len(failed)} of {len(outcomes)} requests failed across the reload: {sorted(set(failed))}"
+
+
+def test_stop_under_streaming_load_answers_every_client_at_once(make_stack: StackFactory, long_model: Path) -> None:
+    srv, api = free_ports(2)
+    stack = make_stack(
+        f"servers:\n  m:\n    model: {long_model}\n    port: {srv}\n    roles: [m]\n    parallel: 2\n"
+        f"    threads: 1\n    ctx_size: 4096\napi: {{port: {api}, queue_wait_s: 60}}\n",
+    )
+    stack.stop_grace_s = 10.0  # what a user gets: clients must not wait for it
+    stack.start(stack.select())
+    url = f"http://127.0.0.1:{api}/v1/chat/completions"
+    body = {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True}
+    body["ignore_eos"] = True
+    results: dict[int, tuple[int, str]] = {}
+
+    def client(i: int) -> None:
+        try:
+            with httpx.stream("POST", url, json=body, timeout=60) as resp:
+                text = "".join(resp.iter_text())
+                results[i] = (resp.status_code, text + resp.headers.get("retry-after", ""))
+        except httpx.HTTPError as exc:
+            results[i] = (0, type(exc).__name__)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(5)]  # 2 streaming, 3 queued
+    for t in threads:
+        t.start()
+
+    def queued() -> bool:
+        view = httpx.get(f"http://127.0.0.1:{api}/admin/status", timeout=10).json()
+        return bool(view["pools"]["m"]["queued"] == 3 and view["pools"]["m"]["in_flight"] == 2)
+
+    _wait("2 streams and 3 queued", queued)
+    pids = [r.pid for r in stack.store.read().values()]
+    t0 = time.monotonic()
+    stack.stop()
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join(30)
+    assert took < 8, f"stop took {took:.1f} s: clients were left to the grace period"
+    streamed = [text for code, text in results.values() if code == 200]
+    refused = [(code, text) for code, text in results.values() if code == 503]
+    assert len(streamed) == 2 and len(refused) == 3, results
+    for text in streamed:  # every stream ends with an error event saying why, then the proper end
+        assert "data: " in text and '"code": 503' in text and "shutting down" in text and '"frontdoor"' in text
+    for _, text in refused:  # queued: 503 with Retry-After at once
+        assert "shutting down" in text and text.endswith("5")
+    assert all(_gone(pid) for pid in pids)

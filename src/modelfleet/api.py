@@ -122,6 +122,8 @@ class FrontDoor:
         self.predecessor: handover.Predecessor | None = None
         self.server: uvicorn.Server | None = None
         self.shutting_down = False
+        self.streams: set[ProxyResponse] = set()  # answers being streamed now: ended cleanly on SIGTERM
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.metrics = Metrics(self.router)
         self.app = Starlette(
             routes=self._routes(),
@@ -147,6 +149,7 @@ class FrontDoor:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.loop = asyncio.get_running_loop()
         await self.router.adopt()
         monitor = asyncio.create_task(self.router.monitor()) if self.run_monitor else None
         control = await self._take_over_and_offer()
@@ -174,11 +177,18 @@ class FrontDoor:
         if self.server is not None:
             self.server.should_exit = True
 
+    @property
+    def queued(self) -> int:
+        return sum(len(p.waiting) for p in self.router.pools.values())
+
     def begin_shutdown(self) -> None:
         """Told to stop (SIGTERM): requests waiting for a slot get 503 with Retry-After at once."""
         self.shutting_down = True
+        log.info("told to stop: answering %d queued request(s) and ending %d stream(s)", self.queued, len(self.streams))
         for pool in self.router.pools.values():
             pool.fail_waiters(Unavailable("the front door is shutting down; retry in a moment"))
+        for stream in list(self.streams):
+            stream.end_for_shutdown()
 
     # --- access ------------------------------------------------------------------
 
@@ -473,6 +483,8 @@ class ProxyResponse(Response):
     ) -> None:
         self.door, self.pool, self.lease, self.response, self.t0 = door, pool, lease, response, t0
         self.backend = lease.instance
+        self.task: asyncio.Task[Any] | None = None
+        self.closing = False
         # llama-server closes the connection after a stream while advertising keep-alive:
         # such a connection is never put back in the pool.
         self.keep_alive = keep_alive
@@ -503,8 +515,15 @@ class ProxyResponse(Response):
         finally:
             self._finish(complete=True, tail=body[-4096:], cancelled=False)
 
+    def end_for_shutdown(self) -> None:
+        """The front door is told to stop: end this stream now, with an error event the client can read."""
+        self.closing = True
+        if self.task is not None:
+            self.task.cancel()
+
     async def _stream(self, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
-        me = asyncio.current_task()
+        me = self.task = asyncio.current_task()
+        self.door.streams.add(self)
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -531,9 +550,19 @@ class ProxyResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             complete = True
         except asyncio.CancelledError:
-            if not gone.is_set():
+            if gone.is_set():
+                log.info("client left %s on %s; upstream request cancelled", self.pool.role, self.backend.name)
+            elif self.closing:
+                failed = 503
+                if not sse:
+                    raise CutShort("the front door is shutting down") from None
+                msg = "the front door is shutting down; retry in a moment"
+                await send(
+                    {"type": "http.response.body", "body": _sse_error(tail, 503, msg, "frontdoor"), "more_body": True}
+                )
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
                 raise
-            log.info("client left %s on %s; upstream request cancelled", self.pool.role, self.backend.name)
         except UpstreamError as exc:
             log.warning("%s broke off mid-response: %r", self.backend.name, exc)
             timeout = isinstance(exc, TimeoutError)
@@ -552,6 +581,7 @@ class ProxyResponse(Response):
             )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            self.door.streams.discard(self)
             watcher.cancel()
             self._finish(complete, tail, cancelled=gone.is_set(), failed=failed)
 
@@ -581,10 +611,10 @@ class ProxyResponse(Response):
             m.child(m.tokens, self.pool.role, self.backend.name).inc(int(found[-1]))
 
 
-def _sse_error(tail: bytes, status: int, message: str) -> bytes:
+def _sse_error(tail: bytes, status: int, message: str, source: str = "backend") -> bytes:
     """An error event in OpenAI's shape, as its own event whatever the stream had sent of the last one."""
-    kind = "timeout_error" if status == 504 else "upstream_error"
-    event = {"error": {"message": message, "type": kind, "code": status, "source": "backend"}}
+    kind = {504: "timeout_error", 503: "unavailable_error"}.get(status, "upstream_error")
+    event = {"error": {"message": message, "type": kind, "code": status, "source": source}}
     sep = b"" if not tail or tail.endswith(b"\n\n") else b"\n" if tail.endswith(b"\n") else b"\n\n"
     return sep + b"data: " + json.dumps(event).encode() + b"\n\n"
 
@@ -713,8 +743,8 @@ class FrontDoorServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        with contextlib.suppress(RuntimeError):  # no loop yet: nothing is waiting
-            asyncio.get_running_loop().call_soon_threadsafe(self.door.begin_shutdown)
+        if self.door.loop is not None:  # else not started yet: nothing is waiting
+            self.door.loop.call_soon_threadsafe(self.door.begin_shutdown)
 
 
 if __name__ == "__main__":

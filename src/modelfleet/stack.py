@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -456,13 +457,29 @@ class Stack:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM (in this thread) until the block ends; a pending one arrives then."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold off SIGINT and SIGTERM until the block ends, then act on one that came meanwhile.
+
+    Done with handlers, not the signal mask: a blocked mask would be inherited by the
+    processes spawned inside the block, and they would ignore SIGTERM for good.
+    Signals reach Python handlers in the main thread only, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if caught:
+            handler = old[signal.Signals(caught[0])]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
 
 
 def _batches(specs: list[InstanceSpec]) -> list[tuple[list[InstanceSpec], float]]:
