@@ -701,6 +701,10 @@ def main() -> None:
         err.print("Error:", style="red", end=" ")
         err.print(str(exc), markup=False)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a file or folder the command needs (permissions, a full disk...)
+        err.print("Error:", style="red", end=" ")
+        err.print(f"{exc}; check the path and its permissions", markup=False)
+        sys.exit(1)
     except KeyboardInterrupt:
         err.print("Interrupted.")
         sys.exit(130)

@@ -27,7 +27,7 @@ from modelfleet.errors import UsageError
 from modelfleet.fleet import Fleet, Instance, Lease
 from modelfleet.lifecycle import State
 from modelfleet.pool import Pool
-from modelfleet.spec import InstanceSpec
+from modelfleet.spec import InstanceSpec, plan_instances
 from modelfleet.stack import Stack
 from modelfleet.supervisor import Supervisor
 
@@ -59,7 +59,7 @@ class Router:
         self.supervisor = Supervisor(cfg, self.fleet, self.capacity, self.actions, self.counters)
 
     def _specs(self, cfg: StackConfig) -> list[InstanceSpec]:
-        return self.stack.specs(cfg.components())
+        return plan_instances(cfg, cfg.components(), self.stack.store.dir, self.stack.binary)
 
     def _build_pools(self) -> None:
         by_role: dict[str, list[Instance]] = {}

@@ -26,6 +26,7 @@ from pathlib import Path
 from modelfleet import paths
 from modelfleet.config import API_COMPONENT, ServerConfig, ServiceConfig, StackConfig, Tier
 from modelfleet.errors import BinaryError, ConfigError
+from modelfleet.fileutil import write_atomic
 from modelfleet.instance import Identity, Kind
 
 ENV_BINARY = "MODELFLEET_LLAMA_SERVER"
@@ -97,10 +98,7 @@ def probe_binary(path: Path) -> BinaryInfo:
     info = BinaryInfo(str(path), _run_version(path), flags, removed)
     if not info.flags:
         raise BinaryError(f"{path} --help printed no flags; is it really llama-server?")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"version": info.version, "flags": sorted(info.flags), "removed": info.removed}))
-    tmp.replace(cache)
+    write_atomic(cache, json.dumps({"version": info.version, "flags": sorted(info.flags), "removed": info.removed}))
     return info
 
 
