@@ -23,10 +23,11 @@ from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
 from modelfleet.fileutil import now_iso
 from modelfleet.instance import Identity, Kind
 from modelfleet.launcher import Launcher, LocalLauncher, tail_text
-from modelfleet.spec import BinaryInfo, InstanceSpec, plan_instances
+from modelfleet.spec import BinaryInfo, InstanceSpec, env_digest, plan_instances
 from modelfleet.state import InstanceRecord, StateStore
 
 STOP_GRACE_S = 10.0
+ENV_DIGEST = "env_sha256"  # a record's extra: a hash per environment variable it was started with
 
 
 class Status(StrEnum):
@@ -228,6 +229,7 @@ class Stack:
             create_time=handle.create_time,
             argv=spec.argv,
             health_path=spec.health_path,
+            extra={ENV_DIGEST: env_digest(spec.env)},
         )
         # Record at once, so a crash of this command leaves nothing the state file doesn't know.
         self.store.put(rec)
