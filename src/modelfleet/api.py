@@ -35,10 +35,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from modelfleet import apply, checkpoint, registry, upstream
+from modelfleet import apply, checkpoint, loading, registry, upstream
 from modelfleet.config import StackConfig, Tier, load_config_file
 from modelfleet.errors import ApiError, ConnectFailed, FleetError, Stale, UpstreamError
-from modelfleet.fleet import Lease
+from modelfleet.fleet import Instance, Lease
+from modelfleet.instance import Handle, Kind
 from modelfleet.lifecycle import State
 from modelfleet.metrics import Metrics
 from modelfleet.pool import Pool
@@ -318,9 +319,19 @@ class FrontDoor:
             "role": role,
             "state": _pool_state(pool),
             "instances": [
-                {"name": b.name, "tier": b.tier.value, "state": b.state.value, "port": b.port} for b in pool.backends
+                {"name": b.name, "tier": b.tier.value, "state": b.state.value, "port": b.port} | self._progress(b)
+                for b in pool.backends
             ],
         }
+
+    def _progress(self, inst: Instance) -> dict[str, Any]:
+        """For an instance that is starting: how long it has been at it and the stage its log shows."""
+        if inst.state is not State.STARTING:
+            return {}
+        spec = inst.spec
+        handle = inst.handle or Handle(spec.node, 0, 0.0, spec.log_file, spec.label)
+        stage = loading.stage(self.stack.launcher.read_log(handle)) if spec.kind is Kind.LLAMA_SERVER else None
+        return {"starting_for_s": round(self.router.fleet.clock() - inst.since, 1), "stage": stage}
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -180,18 +180,21 @@ def make_stack(config_path: Path | None, dev: bool, state_dir: Path | None, need
 
 
 class _Progress:
-    """Prints which instances are still loading, at most every 2 s."""
+    """Prints a line per instance still loading (elapsed time, the stage its log shows), at most every 2 s."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s = every_s
         self.last = time.monotonic()
 
     def __call__(self, pending: list[health.Waiter], done: health.Waiter | None) -> None:
         now = time.monotonic()
-        if not pending or now - self.last < 2.0:
+        if not pending or now - self.last < self.every_s:
             return
         self.last = now
-        parts = [f"{w.label} {w.last.value} {w.elapsed_s:.0f} s" for w in pending]
-        err.print("waiting: " + "; ".join(parts), style="dim", markup=False)
+        for w in pending:
+            stage = w.stage()
+            line = f"  {w.label}: {w.last.value} for {w.elapsed_s:.0f} s" + (f", {stage}" if stage else "")
+            err.print(line, style="dim", markup=False)
 
 
 # --- commands ------------------------------------------------------------------

@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from modelfleet import health, memory
+from modelfleet import health, loading, memory
 from modelfleet.config import API_COMPONENT, StackConfig, Tier
 from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
 from modelfleet.fileutil import now_iso
@@ -243,6 +243,7 @@ class Stack:
             timeout_s=spec.health_timeout_s,
             exit_code=lambda: self.launcher.exit_code(handle),
             log_tail=lambda: tail_text(self.launcher.read_log(handle), rec.log_file),
+            stage=lambda: loading.stage(self.launcher.read_log(handle)) if spec.kind is Kind.LLAMA_SERVER else None,
         )
 
     def _wait(self, waiters: list[health.Waiter]) -> None:
