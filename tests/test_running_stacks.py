@@ -93,6 +93,14 @@ def test_start_then_status_logs_and_stop_without_flags(machine: Machine, tmp_pat
     bad = machine.run("logs", "nope")
     assert bad.returncode == 2 and "'nope' is not a server or service" in bad.stderr and "Traceback" not in bad.stderr
 
+    listed = machine.run("checkpoint", "list")
+    assert listed.returncode == 0 and "no checkpoints" in listed.stdout, listed.stderr
+    before = {r.component: r.pid for r in StateStore(state).read().values()}
+    reloaded = machine.run("reload", "s1")
+    assert reloaded.returncode == 0, reloaded.stderr
+    after = {r.component: r.pid for r in StateStore(state).read().values()}
+    assert after["s0"] == before["s0"] and after["s1"] != before["s1"]
+
     t0 = time.monotonic()
     stop = machine.run("stop", "--all")
     assert stop.returncode == 0, stop.stderr
