@@ -225,3 +225,38 @@ def test_models_retrieve_answers_one_model(cli: Cli, tiny_model: Path) -> None:
     missing = httpx.get(door + "/v1/models/nope")
     assert missing.status_code == 404
     assert "no model 'nope' here; known: coder" in missing.json()["error"]["message"]
+
+
+def test_requests_for_a_component_being_reloaded_wait_for_it(cli: Cli, tiny_model: Path) -> None:
+    """The only server of a role is reloaded by apply: requests meanwhile queue, none gets a 503."""
+    api, one = free_ports(2)
+    servers = {"one": server(tiny_model, one, roles=["coder"])}
+    cli.write({"servers": servers, "api": {"port": api}})
+    assert cli("start").returncode == 0
+    door = f"http://127.0.0.1:{api}/v1/chat/completions"
+    results: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        body = {"model": "coder", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                results.append(c.post(door, json=body).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        _wait("requests to flow", lambda: len(results) > 5)
+        before = cli.pids()["one"]
+        cli.write({"servers": {"one": {**servers["one"], "ctx_size": 512}}, "api": {"port": api}})
+        res = cli("apply")
+        assert res.returncode == 0, res.stderr
+        assert cli.pids()["one"] != before
+        served = len(results)
+        _wait("requests to flow again", lambda: len(results) > served + 5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert set(results) == {200}, {code: results.count(code) for code in set(results)}

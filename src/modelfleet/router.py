@@ -131,8 +131,14 @@ class Router:
         return found
 
     async def reload_component(self, name: str, reason: str) -> list[Instance]:
-        await self.stop_component(name, reason)
-        return await self.start_component(name, reason)
+        """Drain, stop and start again; requests for it meanwhile wait in line instead of failing."""
+        keys = {i.key for i in self._component(name)}
+        self.capacity.coming_back |= keys
+        try:
+            await self.stop_component(name, reason)
+            return await self.start_component(name, reason)
+        finally:
+            self.capacity.coming_back -= keys
 
     # --- config --------------------------------------------------------------------------------
 
