@@ -112,7 +112,6 @@ def main() -> None:
         print(f"  requests during the run: {done}, failed: {failures}")
         for line in errors[:5]:
             print(f"  {line}")
-        print((state / "logs" / f"orchestrator-{api}.log").read_text()[-3000:])
 
         write(1024)
         t0 = time.monotonic()

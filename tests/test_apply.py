@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import MODELFLEET, free_ports, process_of
+from modelfleet import apply as apply_module
 from modelfleet.apply import argv_change
 from modelfleet.state import StateStore
 
@@ -260,3 +261,10 @@ def test_requests_for_a_component_being_reloaded_wait_for_it(cli: Cli, tiny_mode
         for t in threads:
             t.join(60)
     assert set(results) == {200}, {code: results.count(code) for code in set(results)}
+
+
+def test_one_program_under_two_names_is_no_change(tmp_path: Path) -> None:
+    (tmp_path / "python3").write_text("")
+    (tmp_path / "python").symlink_to(tmp_path / "python3")
+    assert apply_module._canonical([str(tmp_path / "python"), "-m", "x"]) == (str(tmp_path / "python3"), "-m", "x")
+    assert apply_module._canonical(["llama-server", "-m", "x"]) == ("llama-server", "-m", "x")

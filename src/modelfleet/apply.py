@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -141,7 +142,7 @@ def _differences(mine: list[InstanceRecord], want: list[InstanceSpec]) -> tuple[
         label = f"{rec.name}: " if len(mine) > 1 else ""
         if rec.host != spec.host:
             restart.append(f"{label}host {rec.host} -> {spec.host}")
-        if tuple(rec.argv) != tuple(spec.argv):
+        if _canonical(rec.argv) != _canonical(spec.argv):
             restart.append(f"{label}argv {argv_change(rec.argv, spec.argv)}")
         digest = rec.extra.get(ENV_DIGEST)
         if isinstance(digest, dict):
@@ -156,6 +157,12 @@ def _differences(mine: list[InstanceRecord], want: list[InstanceSpec]) -> tuple[
     if new is not None and tuple(old.roles) != tuple(new.roles):
         in_place.append(f"roles [{', '.join(old.roles)}] -> [{', '.join(new.roles)}] (no restart needed)")
     return restart, in_place
+
+
+def _canonical(argv: Iterable[str]) -> tuple[str, ...]:
+    """The command line with its program resolved: `python` and `python3` of one venv are one program."""
+    args = tuple(argv)
+    return (os.path.realpath(args[0]), *args[1:]) if args and "/" in args[0] else args
 
 
 def _retagged(mine: list[InstanceRecord], want: list[InstanceSpec]) -> list[InstanceRecord]:
