@@ -812,9 +812,11 @@ def apply_cmd(config_path: Path | None, dev: bool, state_dir: Path | None, dry_r
     if as_json:
         out.print_json(data=body | {"via": "front door" if via_door else "cli"})
         return
-    done = [s for s in the_plan.steps if s.action is not apply.Action.KEEP]
+    # What was done, as the doer reports it (the front door plans again against what it sees).
+    steps = [s for s in body.get("steps", []) if isinstance(s, dict)] if isinstance(body.get("steps"), list) else []
+    done = [f"{s.get('action')} {s.get('component')}" for s in steps if s.get("action") != "keep"]
     how = f"through the front door ({door})" if via_door else "directly"
-    changed = ", ".join(f"{s.action.value} {s.component}" for s in done) or "nothing restarted"
+    changed = ", ".join(done) or "nothing restarted"
     out.print(f"applied {how}: {changed}", markup=False)
 
 
