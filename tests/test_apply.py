@@ -268,3 +268,18 @@ def test_one_program_under_two_names_is_no_change(tmp_path: Path) -> None:
     (tmp_path / "python").symlink_to(tmp_path / "python3")
     assert apply_module._canonical([str(tmp_path / "python"), "-m", "x"]) == (str(tmp_path / "python3"), "-m", "x")
     assert apply_module._canonical(["llama-server", "-m", "x"]) == ("llama-server", "-m", "x")
+
+
+def test_a_new_front_door_port_restarts_the_front_door_last_and_nothing_else(cli: Cli, tiny_model: Path) -> None:
+    old_api, new_api, one = free_ports(3)
+    servers = {"one": server(tiny_model, one, roles=["coder"])}
+    cli.write({"servers": servers, "api": {"port": old_api}})
+    assert cli("start").returncode == 0
+    before = cli.pids()
+    cli.write({"servers": servers, "api": {"port": new_api}})
+    res = cli("apply")
+    assert res.returncode == 0, res.stderr
+    assert f"reload orchestrator  ports {old_api} -> {new_api}" in res.stdout
+    after = cli.pids()
+    assert after["one"] == before["one"] and after["orchestrator"] != before["orchestrator"]
+    assert httpx.get(f"http://127.0.0.1:{new_api}/v1/models/coder", timeout=10).status_code == 200
