@@ -177,6 +177,19 @@ def _ours(proc: psutil.Process, marker: str) -> bool:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_stack_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test (and every CLI it runs) registers stacks in a temp dir, never in the real home."""
+    root = tmp_path_factory.mktemp("state-root")
+    old = os.environ.get("MODELFLEET_STATE_ROOT")
+    os.environ["MODELFLEET_STATE_ROOT"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("MODELFLEET_STATE_ROOT", None)
+    else:
+        os.environ["MODELFLEET_STATE_ROOT"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_orphans(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """After the whole run, no process started from this run's temp dirs may survive."""
     base = str(tmp_path_factory.getbasetemp())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -130,3 +131,20 @@ def test_children_are_reaped_not_left_as_zombies(tmp_path: Path) -> None:
         time.sleep(0.02)
     out = subprocess.run(["ps", "-o", "stat=", "-p", str(handle.pid)], capture_output=True, text=True).stdout
     assert "Z" not in out
+
+
+def test_a_process_spawned_while_a_start_holds_signals_off_still_takes_sigterm(tmp_path: Path) -> None:
+    from modelfleet.stack import _signals_deferred
+
+    launcher = LocalLauncher()
+    with _signals_deferred():
+        handle = launcher.spawn(_spec(tmp_path, *SLEEPER))
+    try:
+        status = Path(f"/proc/{handle.pid}/status").read_text()
+        blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+        assert blocked & (1 << (signal.SIGTERM - 1)) == 0, "the child would ignore the SIGTERM that stops it"
+        t0 = time.monotonic()
+        launcher.stop([handle], 10.0, lambda _: None)
+        assert time.monotonic() - t0 < 5
+    finally:
+        launcher.stop([handle], 0.1, lambda _: None)

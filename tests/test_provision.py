@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -86,10 +87,70 @@ def test_a_setup_failure_is_a_setup_error_that_says_what_to_do(monkeypatch: pyte
         raise OSError(101, "Network is unreachable")
 
     monkeypatch.setattr(provision.urllib.request, "urlopen", unreachable)
+    monkeypatch.setattr(provision.urllib.request.OpenerDirector, "open", unreachable)
+    monkeypatch.setattr(provision.PipSettings, "from_pip", classmethod(lambda cls: cls()))
     with pytest.raises(
-        SetupError, match=r"fetching the dev model failed: OSError: .*unreachable.*rerun `modelfleet setup`"
+        SetupError, match=r"fetching the dev model failed: \w*Error: .*unreachable.*rerun `modelfleet setup`"
     ):
         provision.ensure_dev_model(say=lambda _: None)
     with pytest.raises(SetupError, match="building llama-server failed") as info:
         provision.ensure_llama_server(say=lambda _: None)
     assert info.value.exit_code == 3
+
+
+# --- downloads honour pip's configuration ------------------------------------------------------
+
+
+def test_pip_settings_take_the_environment_over_download_over_global() -> None:
+    listing = (
+        "global.index-url='https://mirror.example/simple'\n"
+        "global.extra-index-url='file:///a/simple file:///b/simple'\n"
+        "download.index-url='https://download.example/simple'\n"
+        ":env:.cert='/etc/ssl/mine.pem'\n"
+        "global.cert='/etc/ssl/other.pem'\n"
+        "global.proxy='http://proxy.example:3128'\n"
+        "global.find-links='/opt/wheels'\n"
+    )
+    pip = provision.PipSettings.parse(listing)
+    assert pip.index_urls == ("https://download.example/simple", "file:///a/simple", "file:///b/simple")
+    assert pip.cert == "/etc/ssl/mine.pem" and pip.proxy == "http://proxy.example:3128"
+    assert pip.find_links == ("/opt/wheels",)
+    assert provision.PipSettings.parse("").index_urls == (provision.PYPI_SIMPLE,)
+
+
+def _local_index(root: Path, project: str, filename: str, data: bytes) -> str:
+    """A PEP 503 simple index on disk holding one file."""
+    folder = root / "simple" / project
+    folder.mkdir(parents=True)
+    (folder / filename).write_bytes(data)
+    (folder / "index.html").write_text(f'<html><body><a href="{filename}#sha256=x">{filename}</a></body></html>')
+    return (root / "simple").as_uri()
+
+
+def test_download_uses_the_index_pip_is_configured_with(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    data = b"pinned bytes"
+    art = provision.Artifact("pinned-thing", "pinned_thing-1.0-py3-none-any.whl", hashlib.sha256(data).hexdigest())
+    index = _local_index(tmp_path / "mirror", art.project, art.filename, data)
+    monkeypatch.setenv("PIP_INDEX_URL", index)  # what pip itself reads; found through `pip config list`
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    seen: list[str] = []
+    got = provision.download(art, tmp_path / "downloads", say=seen.append)
+    assert got.read_bytes() == data
+    assert any(index in line for line in seen)
+
+    damaged = provision.Artifact(art.project, art.filename, "0" * 64)
+    with pytest.raises(SetupError, match="checksum mismatch"):
+        provision.download(damaged, tmp_path / "again", say=lambda _: None)
+
+
+def test_download_prefers_find_links_and_says_where_it_looked(tmp_path: Path) -> None:
+    data = b"from a folder"
+    art = provision.Artifact("p", "p-1.0.tar.gz", hashlib.sha256(data).hexdigest())
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / art.filename).write_bytes(data)
+    nowhere = (tmp_path / "no-index").as_uri()
+    pip = provision.PipSettings(index_urls=(nowhere,), find_links=(str(tmp_path / "links"),))
+    assert provision.download(art, tmp_path / "d", say=lambda _: None, pip=pip).read_bytes() == data
+    with pytest.raises(FileNotFoundError, match=r"p-1.0.tar.gz was not found in pip's indexes: .*no-index/p/"):
+        provision.download(art, tmp_path / "e", say=lambda _: None, pip=provision.PipSettings(index_urls=(nowhere,)))

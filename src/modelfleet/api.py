@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -38,10 +39,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from modelfleet import checkpoint, handover, registry, upstream
+from modelfleet import apply, checkpoint, handover, loading, registry, upstream
 from modelfleet.config import StackConfig, Tier, load_config_file
 from modelfleet.errors import ApiError, ConnectFailed, FleetError, StartupError, Unavailable, Unsendable, UpstreamError
-from modelfleet.fleet import Lease
+from modelfleet.fleet import Instance, Lease
+from modelfleet.instance import Handle, Kind
 from modelfleet.lifecycle import State
 from modelfleet.metrics import Metrics
 from modelfleet.pool import Pool
@@ -124,6 +126,8 @@ class FrontDoor:
         self.shutting_down = False
         self.streams: set[ProxyResponse] = set()  # answers being streamed now: ended cleanly on SIGTERM
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._applying = asyncio.Lock()  # one apply at a time
+        self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = Metrics(self.router)
         self.app = Starlette(
             routes=self._routes(),
@@ -137,11 +141,13 @@ class FrontDoor:
         methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
         return [  # the model routes are served by __call__, ahead of these
             Route("/v1/models", self._guard(self.models), methods=["GET"]),
+            Route("/v1/models/{id:path}", self._guard(self.model_one), methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", self._guard(self.metrics_route), methods=["GET"]),
             Route("/upstream/{role}/{path:path}", self._guard(self.upstream_route), methods=methods),
             Route("/admin/status", self._guard(self.admin_status, admin=True), methods=["GET"]),
+            Route("/admin/apply", self._guard(self.admin_apply, admin=True), methods=["POST"]),
             Route("/admin/checkpoints", self._guard(self.checkpoints, admin=True), methods=["GET", "POST"]),
             Route("/admin/checkpoints/{id}", self._guard(self.checkpoint_one, admin=True), methods=["POST", "DELETE"]),
             Route("/admin/{action}/{name}", self._guard(self.admin_action, admin=True), methods=["POST"]),
@@ -153,11 +159,14 @@ class FrontDoor:
         await self.router.adopt()
         monitor = asyncio.create_task(self.router.monitor()) if self.run_monitor else None
         control = await self._take_over_and_offer()
+        hup = self._listen_for_sighup()
         log.info("front door ready on %s:%s", self.cfg.api.host, self.cfg.api.port)
         try:
             yield
         finally:
             await handover.close(control)
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if monitor is not None:
                 monitor.cancel()
                 await asyncio.gather(monitor, return_exceptions=True)
@@ -365,27 +374,44 @@ class FrontDoor:
     # --- fleet views ----------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_entry(n) for n in registry.names(self.cfg)]})
+
+    async def model_one(self, request: Request) -> Response:
+        """``GET /v1/models/{id}`` (the OpenAI SDK's ``models.retrieve``): one role, alias or task type."""
+        name = request.path_params["id"]
+        if name not in registry.names(self.cfg):
+            known = ", ".join(registry.names(self.cfg))
+            msg = f"no model '{name}' here; known: {known} (GET /v1/models lists them)"
+            raise ApiError(404, msg, "not_found_error")
+        return JSONResponse(self._model_entry(name))
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
         cfg = self.cfg
-        data = []
-        for name in registry.names(cfg):
-            role = registry.resolve(cfg, name)
-            pool = self.router.pools[role]
-            kind = "role" if name in cfg.roles() else "alias" if name in cfg.aliases else "task_type"
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "owned_by": "modelfleet",
-                    "kind": kind,
-                    "role": role,
-                    "state": _pool_state(pool),
-                    "instances": [
-                        {"name": b.name, "tier": b.tier.value, "state": b.state.value, "port": b.port}
-                        for b in pool.backends
-                    ],
-                }
-            )
-        return JSONResponse({"object": "list", "data": data})
+        role = registry.resolve(cfg, name)
+        pool = self.router.pools[role]
+        kind = "role" if name in cfg.roles() else "alias" if name in cfg.aliases else "task_type"
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(self.started),
+            "owned_by": "modelfleet",
+            "kind": kind,
+            "role": role,
+            "state": _pool_state(pool),
+            "instances": [
+                {"name": b.name, "tier": b.tier.value, "state": b.state.value, "port": b.port} | self._progress(b)
+                for b in pool.backends
+            ],
+        }
+
+    def _progress(self, inst: Instance) -> dict[str, Any]:
+        """For an instance that is starting: how long it has been at it and the stage its log shows."""
+        if inst.state is not State.STARTING:
+            return {}
+        spec = inst.spec
+        handle = inst.handle or Handle(spec.node, 0, 0.0, spec.log_file, spec.label)
+        stage = loading.stage(self.stack.launcher.read_log(handle)) if spec.kind is Kind.LLAMA_SERVER else None
+        return {"starting_for_s": round(self.router.fleet.clock() - inst.since, 1), "stage": stage}
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -451,6 +477,51 @@ class FrontDoor:
         if report.config_written:
             body["front_door"] = "applied the restored config in-process"
         return JSONResponse(body)
+
+    async def admin_apply(self, request: Request) -> Response:
+        """Re-read the stack file and apply it: POST {"dry_run": true} only plans."""
+        payload = _parse_json(await self._read_body(request.headers, request.receive))
+        return JSONResponse(await self.apply_file(dry_run=bool(payload.get("dry_run"))))
+
+    async def apply_file(self, dry_run: bool = False) -> dict[str, Any]:
+        """Plan the stack file against what runs and carry it out here (see :mod:`modelfleet.apply`)."""
+        source = self.cfg.source
+        if not source:
+            raise ApiError(409, "this front door has no stack file to re-read", "invalid_request_error")
+        async with self._applying:
+            target = await asyncio.to_thread(apply.load_target, self.stack, Path(source))
+            plan = await asyncio.to_thread(apply.make_plan, target)
+            if plan.restarts_front_door:
+                raise ApiError(
+                    409,
+                    "the front door itself must restart for this change (its port or host); "
+                    "run `modelfleet apply`, which restarts it last",
+                    "invalid_request_error",
+                )
+            if not dry_run:
+                await apply.carry_out_in_front_door(plan, self.router, self.apply_config, asyncio.to_thread)
+                log.info("applied %s: %s", source, "; ".join(f"{s.action} {s.component}" for s in plan.steps))
+        return {"applied": not dry_run, "config": source, **plan.to_json()}
+
+    def _listen_for_sighup(self) -> bool:
+        """SIGHUP applies the stack file, as POST /admin/apply does (logged, since nobody waits for it)."""
+
+        async def reapply() -> None:
+            try:
+                await self.apply_file()
+            except FleetError as exc:
+                log.error("SIGHUP: the stack file was not applied: %s", exc)
+
+        def on_hup() -> None:
+            task = asyncio.get_running_loop().create_task(reapply())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests) or no signals
+            return False
+        return True
 
     def apply_config(self, stack: Stack) -> None:
         """Serve ``stack``'s config from now on: routing, pools and API settings, with no restart."""

@@ -58,12 +58,15 @@ class Capacity:
         self.pools = pools
         self.actions = actions
         self.counters = counters
+        self.coming_back: set[str] = set()  # keys of instances being reloaded: requests wait for them
 
     # --- requests ----------------------------------------------------------------------
 
     def wait_for(self, pool: Pool) -> float:
         """Start what the pool needs for a request; how long the request may wait in line."""
         if not pool.ready and not pool.starting:
+            if any(b.key in self.coming_back for b in pool.backends):  # a reload: it is on its way back
+                return max(self.cfg.api.queue_wait_s, self.cfg.api.start_wait_s)
             self.start_for(pool, "on demand")
         self.maybe_expand(pool, incoming=1)
         wait_s = self.cfg.api.queue_wait_s
@@ -204,9 +207,11 @@ class Capacity:
         finally:
             inst.handle = None
             self.fleet.move(inst, State.STOPPED, reason)
-        # Requests that were waiting for this instance go elsewhere or to a fresh start.
+        # Requests that were waiting for this instance go elsewhere or to a fresh start
+        # (unless it is being reloaded: its own start follows).
+        back = inst.key in self.coming_back
         for pool in self.pools().values():
-            if inst in pool.backends and pool.waiting and not pool.ready and not pool.starting:
+            if inst in pool.backends and pool.waiting and not pool.ready and not pool.starting and not back:
                 with contextlib.suppress(FleetError):
                     self.start_for(pool, "requests waiting after a stop")
         self.dispatch_all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import signal
 import sys
@@ -20,11 +21,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from modelfleet import checkpoint, health, hooks, memory, paths, provision, registry
+from modelfleet import apply, checkpoint, complete, health, hooks, memory, paths, provision, registry, stacks
+from modelfleet import top as top_view
 from modelfleet.bench import sweep as bench
 from modelfleet.config import API_COMPONENT, StackConfig, load_config, load_config_file
-from modelfleet.errors import BinaryError, CheckpointError, FleetError, OverBudget, StartupError, UsageError
-from modelfleet.instance import local_url
+from modelfleet.errors import (
+    BinaryError,
+    CheckpointError,
+    ConfigError,
+    FleetError,
+    OverBudget,
+    StartupError,
+    UsageError,
+)
+from modelfleet.instance import Handle, local_url
 from modelfleet.lifecycle import State
 from modelfleet.spec import BinaryInfo, find_llama_server, plan_instances, probe_binary
 from modelfleet.stack import Stack, Status, StatusRow
@@ -39,8 +49,22 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.st
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _remember_stack(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    ctx.meta[_STACK_META] = value
+    return value
+
+
 def stack_options(fn: F) -> F:
-    """--config / --dev / --state-dir, shared by every command that acts on a stack."""
+    """--config / --dev / --state-dir / --stack, shared by every command that acts on a stack."""
+    fn = click.option(
+        "--stack",
+        "stack_name",
+        metavar="NAME",
+        expose_value=False,
+        callback=_remember_stack,
+        shell_complete=complete.stack_names,
+        help="Act on this running stack (see `modelfleet ps`); without --config, the only running one is used.",
+    )(fn)
     fn = click.option(
         "--state-dir",
         type=click.Path(file_okay=False, path_type=Path),
@@ -62,12 +86,42 @@ def load_stack_config(config_path: Path | None, dev: bool) -> StackConfig:
         raise UsageError("give --dev or --config, not both")
     if dev:
         return load_dev_config()
+    named = _named_stack()
+    if named is not None and config_path is not None:
+        raise UsageError("give --stack or --config, not both")
     path = config_path or (Path(os.environ[ENV_CONFIG]) if os.environ.get(ENV_CONFIG) else None)
-    if path is None and Path("modelfleet.yaml").is_file():
+    if path is None and named is None and Path("modelfleet.yaml").is_file():
         path = Path("modelfleet.yaml")
     if path is None:
-        raise UsageError(f"no stack file: pass --config FILE, set ${ENV_CONFIG}, or use --dev for the dev stack")
+        return _running_stack_config(named)
     return load_config_file(path)
+
+
+_STACK_META = "modelfleet.stack"
+_CHOSEN_META = "modelfleet.chosen"
+
+
+def _named_stack() -> str | None:
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is None else ctx.meta.get(_STACK_META)
+
+
+def _running_stack_config(named: str | None) -> StackConfig:
+    """No stack file given: the running stack (the only one, or the one --stack names)."""
+    chosen = stacks.Registry().choose(named)
+    if chosen is None:
+        raise UsageError(
+            f"no stack file and no running stack: pass --config FILE, set ${ENV_CONFIG}, or use --dev for the dev stack"
+        )
+    entry = chosen.entry
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_CHOSEN_META] = Path(entry.state_dir)
+    if entry.dev:
+        return load_dev_config()
+    if entry.config is None:
+        raise UsageError(f"the running stack '{entry.name}' has no stack file; pass --config FILE")
+    return load_config_file(Path(entry.config))
 
 
 def load_dev_config() -> StackConfig:
@@ -83,9 +137,12 @@ def load_dev_config() -> StackConfig:
 
 
 def resolve_state_dir(cfg: StackConfig, cli_value: Path | None) -> Path:
-    """CLI > environment > file > default."""
+    """CLI > the running stack chosen without --config > environment > file > default."""
     if cli_value is not None:
         return cli_value.expanduser().resolve()
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and isinstance(ctx.meta.get(_CHOSEN_META), Path):
+        return Path(ctx.meta[_CHOSEN_META])
     if os.environ.get(ENV_STATE_DIR):
         return Path(os.environ[ENV_STATE_DIR]).expanduser().resolve()
     if cfg.state_dir:
@@ -123,18 +180,21 @@ def make_stack(config_path: Path | None, dev: bool, state_dir: Path | None, need
 
 
 class _Progress:
-    """Prints which instances are still loading, at most every 2 s."""
+    """Prints a line per instance still loading (elapsed time, the stage its log shows), at most every 2 s."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s = every_s
         self.last = time.monotonic()
 
     def __call__(self, pending: list[health.Waiter], done: health.Waiter | None) -> None:
         now = time.monotonic()
-        if not pending or now - self.last < 2.0:
+        if not pending or now - self.last < self.every_s:
             return
         self.last = now
-        parts = [f"{w.label} {w.last.value} {w.elapsed_s:.0f} s" for w in pending]
-        err.print("waiting: " + "; ".join(parts), style="dim", markup=False)
+        for w in pending:
+            stage = w.stage()
+            line = f"  {w.label}: {w.last.value} for {w.elapsed_s:.0f} s" + (f", {stage}" if stage else "")
+            err.print(line, style="dim", markup=False)
 
 
 # --- commands ------------------------------------------------------------------
@@ -213,7 +273,7 @@ def config_check(file: Path) -> None:
 
 @cli.command()
 @stack_options
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, shell_complete=complete.component_names)
 @click.option("--hot-only", is_flag=True, help="Start the HOT tier only (the default without NAMES).")
 @click.option("--include-warm", "include", multiple=True, metavar="NAME", help="Also start this WARM/COLD component.")
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
@@ -237,6 +297,7 @@ def start(
         raise UsageError("nothing to start: the stack has no HOT components; name some or use --include-warm")
     _check_memory(stack, chosen, ignore_memory)
     report = stack.start(chosen)
+    _register(stack, dev)
     if report.kept:
         err.print(f"already running: {', '.join(report.kept)}")
     if report.changed:
@@ -249,6 +310,13 @@ def start(
     _say_hooks(hooks.run_start_hooks(stack, report))
     rows = _merge_front_door_view(stack, stack.status())
     _print_status(rows, as_json, hooks.read_results(stack.store.dir))
+
+
+def _register(stack: Stack, dev: bool) -> None:
+    """Put the stack in the machine's registry, so later commands find it without --config."""
+    source = stack.cfg.source
+    config = str(Path(source).resolve()) if source else None
+    stacks.Registry().register(stack.cfg.stack_name(), stack.store.dir.resolve(), config, dev)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -285,7 +353,7 @@ def plan(config_path: Path | None, dev: bool, state_dir: Path | None, total_gb: 
 
 @cli.command()
 @stack_options
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, shell_complete=complete.component_names)
 @click.option("--all", "all_", is_flag=True, help="Stop every instance of the stack.")
 @click.option("--grace", "grace_s", type=float, default=None, help="Seconds to wait after SIGTERM before SIGKILL.")
 def stop(
@@ -308,7 +376,7 @@ def stop(
 
 @cli.command()
 @stack_options
-@click.argument("name")
+@click.argument("name", shell_complete=complete.component_names)
 def reload(config_path: Path | None, dev: bool, state_dir: Path | None, name: str) -> None:
     """Restart one component with the current config, leaving the others running."""
     stack = make_stack(config_path, dev, state_dir, need_binary=True)
@@ -630,7 +698,7 @@ def checkpoint_list(config_path: Path | None, dev: bool, state_dir: Path | None,
 
 @checkpoint_group.command("restore")
 @stack_options
-@click.argument("checkpoint_id", metavar="NAME_TIMESTAMP")
+@click.argument("checkpoint_id", metavar="NAME_TIMESTAMP", shell_complete=complete.checkpoint_ids)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def checkpoint_restore(
     config_path: Path | None, dev: bool, state_dir: Path | None, checkpoint_id: str, as_json: bool
@@ -670,12 +738,171 @@ def _print_restore(report: checkpoint.RestoreReport) -> None:
 
 @checkpoint_group.command("delete")
 @stack_options
-@click.argument("checkpoint_id", metavar="NAME_TIMESTAMP")
+@click.argument("checkpoint_id", metavar="NAME_TIMESTAMP", shell_complete=complete.checkpoint_ids)
 def checkpoint_delete(config_path: Path | None, dev: bool, state_dir: Path | None, checkpoint_id: str) -> None:
     """Delete one checkpoint."""
     stack = make_stack(config_path, dev, state_dir, need_binary=False)
     path = checkpoint.delete(stack, checkpoint_id)
     out.print(f"deleted checkpoint {checkpoint_id} ({path})", markup=False)
+
+
+# --- running stacks: ps, apply, logs, top -------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ps(as_json: bool) -> None:
+    """Every running stack on this machine with its components (stale entries are dropped)."""
+    running = stacks.Registry().running()
+    if as_json:
+        out.print_json(data={"stacks": [r.to_json() for r in running]})
+        return
+    if not running:
+        out.print("no stack is running")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("STACK", "COMPONENTS", "PORTS", "STATE DIR", "CONFIG"):
+        table.add_column(col, no_wrap=col not in ("COMPONENTS", "PORTS"))
+    for r in running:
+        counts: dict[str, int] = {}
+        for rec in r.live:
+            counts[rec.component] = counts.get(rec.component, 0) + 1
+        comps = ", ".join(f"{c} ({n})" if n > 1 else c for c, n in counts.items())
+        ports = ",".join(str(rec.port) for rec in r.live)
+        config = "built-in dev stack" if r.entry.dev else r.entry.config or "-"
+        table.add_row(escape(r.name), escape(comps), ports, escape(r.entry.state_dir), escape(config))
+    out.print(table)
+
+
+@cli.command("apply")
+@stack_options
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (and what was done) as JSON.")
+def apply_cmd(config_path: Path | None, dev: bool, state_dir: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Apply the edited stack file: restart only what changed; the front door takes the rest in-process."""
+    try:
+        current = make_stack(config_path, dev, state_dir, need_binary=True)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}\nnothing was changed: fix the file and run `modelfleet apply` again") from exc
+    target = apply.stack_for(current, current.cfg)
+    the_plan = apply.make_plan(target)
+    rows = current.status(include_stopped=False)
+    door = _front_door(current, rows)
+    via_door = door is not None and not the_plan.restarts_front_door
+    if not as_json:
+        _print_plan(the_plan, current.cfg.source)
+    if dry_run:
+        if as_json:
+            out.print_json(data={"applied": False, **the_plan.to_json()})
+        return
+    if via_door:
+        assert door is not None
+        admin = _bearer(current.cfg.api.admin_key or current.cfg.api.api_key)
+        try:
+            resp = httpx.post(door + "/admin/apply", json={}, headers=admin, timeout=httpx.Timeout(5.0, read=None))
+        except httpx.HTTPError as exc:
+            raise FleetError(f"the front door ({door}) did not answer POST /admin/apply: {exc}") from exc
+        if resp.status_code != 200:
+            raise FleetError(f"the front door ({door}) refused the apply: {resp.status_code} {resp.text[:400]}")
+        body = resp.json()
+    else:
+        apply.carry_out(the_plan)
+        body = {"applied": True, **the_plan.to_json()}
+    _register(target, dev)
+    if as_json:
+        out.print_json(data=body | {"via": "front door" if via_door else "cli"})
+        return
+    # What was done, as the doer reports it (the front door plans again against what it sees).
+    steps = [s for s in body.get("steps", []) if isinstance(s, dict)] if isinstance(body.get("steps"), list) else []
+    done = [f"{s.get('action')} {s.get('component')}" for s in steps if s.get("action") != "keep"]
+    how = f"through the front door ({door})" if via_door else "directly"
+    changed = ", ".join(done) or "nothing restarted"
+    out.print(f"applied {how}: {changed}", markup=False)
+
+
+def _print_plan(the_plan: apply.Plan, source: str | None) -> None:
+    colors = {"start": "green", "stop": "red", "reload": "yellow", "keep": "dim"}
+    out.print(f"plan for {escape(source or 'the built-in config')}:")
+    width = max((len(s.component) for s in the_plan.steps), default=0)
+    for step in the_plan.steps:
+        color = colors[step.action.value]
+        why = escape("; ".join(step.reasons))
+        out.print(f"  [{color}]{step.action.value:<6}[/] {escape(step.component):<{width}}  {why}")
+
+
+@cli.command()
+@stack_options
+@click.argument("name", shell_complete=complete.instance_names)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what is appended (Ctrl-C stops).")
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True, help="Lines to show first.")
+def logs(config_path: Path | None, dev: bool, state_dir: Path | None, name: str, follow: bool, lines: int) -> None:
+    """The log of a component (every replica), or of one replica as NAME[i]."""
+    stack = make_stack(config_path, dev, state_dir, need_binary=False)
+    targets = _log_targets(stack, name)
+    many = len(targets) > 1
+    for label, handle in targets:
+        text = stack.launcher.read_log(handle, max(16384, lines * 512))
+        tail = text.splitlines()[-lines:] if lines else []
+        if many:
+            out.print(f"==> {label} ({handle.log_file}) <==", markup=False, style="bold")
+        for line in tail:
+            out.print(line, markup=False, highlight=False)
+    if not follow:
+        return
+    streams = [(label, stack.launcher.follow_log(handle)) for label, handle in targets]
+    partial = {label: "" for label, _ in streams}
+    while True:
+        for label, stream in streams:
+            chunk = next(stream)
+            if not chunk:
+                continue
+            text = partial[label] + chunk
+            *whole, partial[label] = text.split("\n")
+            for line in whole:
+                out.print(f"{label}: {line}" if many else line, markup=False, highlight=False)
+
+
+def _log_targets(stack: Stack, name: str) -> list[tuple[str, Handle]]:
+    """The instances NAME means, with a handle to read each log by (a stopped one's log file too)."""
+    match = re.fullmatch(r"(.+)\[(\d+)\]", name)
+    comp, index = (match.group(1), int(match.group(2))) if match else (name, None)
+    known = stack.component_names()
+    if comp not in known:
+        raise UsageError(f"'{comp}' is not a server or service of this stack; known: {', '.join(known)}")
+    records = {r.port: r for r in stack.store.read().values() if r.component == comp}
+    specs = [s for s in stack.specs([comp]) if index is None or s.index == index]
+    if not specs:
+        n = len(stack.specs([comp]))
+        raise UsageError(f"{comp} has {n} instance(s): use {comp}[0] to {comp}[{n - 1}]")
+    targets = []
+    for spec in specs:
+        rec = records.get(spec.port)
+        handle = rec.handle if rec is not None else Handle(spec.node, 0, 0.0, spec.log_file, spec.label)
+        targets.append((spec.name, handle))
+    return targets
+
+
+@cli.command()
+@stack_options
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds per refresh.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Stop after this many refreshes.")
+def top(config_path: Path | None, dev: bool, state_dir: Path | None, interval: float, iterations: int | None) -> None:
+    """A live view of the instances: state, in-flight/slots, queue, req/s, tokens/s, memory. `q` quits."""
+    stack = make_stack(config_path, dev, state_dir, need_binary=False)
+    door = _front_door(stack, stack.status(include_stopped=False))
+    if door is None:
+        raise UsageError("the front door is not running; `modelfleet top` reads it (start the stack first)")
+    admin = _bearer(stack.cfg.api.admin_key or stack.cfg.api.api_key)
+
+    def measured() -> dict[int, int]:
+        found = {}
+        for rec in stack.store.read_salvage().records.values():
+            _, bytes_ = memory.recorded(rec)
+            if bytes_ is not None:
+                found[rec.port] = bytes_
+        return found
+
+    top_view.run(door, admin, measured, out, interval, iterations)
 
 
 def _size(n: int) -> str:

@@ -80,6 +80,7 @@ class Waiter:
     timeout_s: float
     exit_code: Callable[[], int | None]
     log_tail: Callable[[], str] = lambda: ""
+    stage: Callable[[], str | None] = lambda: None  # the loading stage its log shows, when known
     started: float = 0.0
     last: Health = Health.DOWN
 

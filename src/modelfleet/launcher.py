@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -85,6 +85,10 @@ class Launcher(Protocol):
 
     def rotate_logs(self, paths: Sequence[str], cfg: LogsConfig) -> list[str]:
         """Rotate the logs past their size limit; return the rotated ones."""
+        ...
+
+    def follow_log(self, handle: Handle, poll_s: float = 0.25) -> Iterator[str]:
+        """What is appended to the log from now on, as it comes (``tail -f``); it never ends by itself."""
         ...
 
     def describe_gone(self, handle: Handle) -> str:
@@ -249,6 +253,9 @@ class LocalLauncher:
     def rotate_logs(self, paths: Sequence[str], cfg: LogsConfig) -> list[str]:
         return [str(p) for p in logs.rotate_all(paths, cfg)]
 
+    def follow_log(self, handle: Handle, poll_s: float = 0.25) -> Iterator[str]:
+        return follow_file(handle.log_file, poll_s)
+
     # --- the node ------------------------------------------------------------------------
 
     def port_conflict(self, host: str, port: int) -> str | None:
@@ -290,6 +297,28 @@ def read_tail(path: str | Path | None, max_bytes: int = LOG_TAIL_BYTES) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def follow_file(path: str | Path, poll_s: float = 0.25) -> Iterator[str]:
+    """Text appended to a local file from now on. A file emptied in place (rotation's
+    copytruncate) is read again from its start; a missing one is waited for."""
+    offset: int | None = None
+    while True:
+        try:
+            with Path(path).open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if offset is None or size < offset:
+                    offset = size if offset is None else 0
+                f.seek(offset)
+                chunk = f.read()
+        except OSError:
+            chunk, offset = b"", offset or 0
+        if chunk:
+            offset += len(chunk)
+            yield chunk.decode(errors="replace")
+        else:
+            yield ""  # nothing new: the caller may stop here
+            time.sleep(poll_s)
 
 
 def tail_text(text: str, path: str, lines: int = 15) -> str:

@@ -23,11 +23,13 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
@@ -80,29 +82,118 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _file_url(artifact: Artifact) -> str:
-    req = urllib.request.Request(
-        f"{PYPI_SIMPLE}/{artifact.project}/",
-        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+@dataclass(frozen=True)
+class PipSettings:
+    """What the machine's pip configuration says about where packages come from and how."""
+
+    index_urls: tuple[str, ...] = (PYPI_SIMPLE,)
+    find_links: tuple[str, ...] = ()
+    cert: str | None = None
+    proxy: str | None = None
+
+    @classmethod
+    def from_pip(cls) -> PipSettings:
+        """Read pip's merged configuration (its files and PIP_* variables) with ``pip config list``."""
+        try:
+            res = subprocess.run(
+                [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.SubprocessError):
+            return cls()
+        return cls.parse(res.stdout if res.returncode == 0 else "")
+
+    @classmethod
+    def parse(cls, listing: str) -> PipSettings:
+        """``pip config list`` lines (``global.index-url='...'``, ``:env:.cert='...'``): the environment
+        wins over the ``download`` section, which wins over ``global``."""
+        found: dict[str, dict[str, str]] = {}
+        for line in listing.splitlines():
+            m = re.fullmatch(r"(:env:|[\w-]+)\.([\w-]+)=(.*)", line.strip())
+            if m:
+                section, key, raw = m.groups()
+                found.setdefault(key, {})[section] = raw.strip().strip("'\"")
+
+        def value(key: str) -> str | None:
+            by_section = found.get(key, {})
+            return next((by_section[s] for s in (":env:", "download", "global") if s in by_section), None)
+
+        index = value("index-url") or PYPI_SIMPLE
+        extra = (value("extra-index-url") or "").split()
+        return cls(
+            index_urls=tuple(dict.fromkeys([index, *extra])),
+            find_links=tuple((value("find-links") or "").split()),
+            cert=value("cert"),
+            proxy=value("proxy"),
+        )
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        handlers: list[urllib.request.BaseHandler] = []
+        if self.cert:
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=self.cert)))
+        if self.proxy:
+            handlers.append(urllib.request.ProxyHandler({"http": self.proxy, "https": self.proxy}))
+        return urllib.request.build_opener(*handlers)
+
+
+def _locate(artifact: Artifact, pip: PipSettings) -> str:
+    """Where the pinned file is: a find-links folder, else the first index that lists it."""
+    for link in pip.find_links:
+        folder = Path(urllib.request.url2pathname(link[7:])) if link.startswith("file://") else Path(link)
+        if (folder / artifact.filename).is_file():
+            return (folder / artifact.filename).resolve().as_uri()
+    tried: list[str] = []
+    for index in pip.index_urls:
+        page = f"{index.rstrip('/')}/{artifact.project}/"
+        try:
+            url = _listed_url(page, artifact.filename, pip.opener())
+        except (OSError, ValueError) as exc:
+            tried.append(f"{page} ({getattr(exc, 'reason', None) or exc})")
+            continue
+        if url is not None:
+            return url
+        tried.append(f"{page} (not listed)")
+    # An OSError, so the step's message says what failed and how to go on.
+    raise FileNotFoundError(
+        f"{artifact.filename} was not found in pip's indexes: " + "; ".join(tried) + "; "
+        "point pip at an index that has it (`pip config set global.index-url URL` or $PIP_INDEX_URL)"
     )
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        index = json.load(resp)
-    for entry in index["files"]:
-        if entry["filename"] == artifact.filename:
-            return str(entry["url"])
-    raise SetupError(f"{artifact.filename} is not listed on PyPI for {artifact.project}")
 
 
-def download(artifact: Artifact, dest_dir: Path, say: Say = _say) -> Path:
-    """Download a pinned file once, checking its sha256."""
+def _listed_url(page: str, filename: str, opener: urllib.request.OpenerDirector) -> str | None:
+    """The URL of ``filename`` on a simple-index page (PEP 691 JSON or PEP 503 HTML)."""
+    req = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    if page.startswith("file://"):
+        folder = Path(urllib.request.url2pathname(page[7:]))
+        index = folder / "index.html"
+        req = urllib.request.Request(index.as_uri())
+        page = index.as_uri()
+    with opener.open(req, timeout=60) as resp:
+        body = resp.read().decode("utf-8", errors="replace")
+        kind = resp.headers.get("Content-Type", "") if hasattr(resp, "headers") else ""
+    if "json" in kind:
+        for entry in json.loads(body).get("files", []):
+            if entry.get("filename") == filename:
+                return urllib.parse.urljoin(page, str(entry["url"]))
+        return None
+    for href in re.findall(r"""href=["']([^"']+)["']""", body):
+        link = str(href)
+        if urllib.parse.urlsplit(link).path.rsplit("/", 1)[-1] == filename:
+            return urllib.parse.urljoin(page, link.split("#", 1)[0])
+    return None
+
+
+def download(artifact: Artifact, dest_dir: Path, say: Say = _say, pip: PipSettings | None = None) -> Path:
+    """Download a pinned file once, checking its sha256, from where pip's configuration says
+    packages come from (index URL and extra indexes, find-links, certificates, proxy)."""
     dest = dest_dir / artifact.filename
     if dest.exists() and _sha256(dest) == artifact.sha256:
         return dest
     dest_dir.mkdir(parents=True, exist_ok=True)
-    url = _file_url(artifact)
+    pip = pip or PipSettings.from_pip()
+    url = _locate(artifact, pip)
     tmp = dest.with_suffix(dest.suffix + ".part")
-    say(f"downloading {artifact.filename}")
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, tmp.open("wb") as out:
+    say(f"downloading {artifact.filename} from {url.split('#', 1)[0]}")
+    with pip.opener().open(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, tmp.open("wb") as out:
         total = int(resp.headers.get("Content-Length") or 0)
         done = 0
         last = 0.0

@@ -131,8 +131,14 @@ class Router:
         return found
 
     async def reload_component(self, name: str, reason: str) -> list[Instance]:
-        await self.stop_component(name, reason)
-        return await self.start_component(name, reason)
+        """Drain, stop and start again; requests for it meanwhile wait in line instead of failing."""
+        keys = {i.key for i in self._component(name)}
+        self.capacity.coming_back |= keys
+        try:
+            await self.stop_component(name, reason)
+            return await self.start_component(name, reason)
+        finally:
+            self.capacity.coming_back -= keys
 
     # --- config --------------------------------------------------------------------------------
 
@@ -157,6 +163,8 @@ class Router:
             if inst.spec.identity() == specs[key].identity():
                 inst.spec = specs[key]  # same instance, new launch details: used at its next start
                 inst.slots = specs[key].slots
+            elif _retagged_only(inst.spec, specs[key]):  # same process, new tier or roles: taken in place
+                inst.spec, inst.tier, inst.roles = specs[key], specs[key].tier, specs[key].roles
         self.cfg = cfg
         self.capacity.cfg = self.supervisor.cfg = cfg
         self._build_pools()
@@ -206,3 +214,9 @@ class Router:
                 for role, p in self.pools.items()
             },
         }
+
+
+def _retagged_only(old: InstanceSpec, new: InstanceSpec) -> bool:
+    """Only the tier or the roles differ: nothing about the process changes."""
+    same = ("component", "index", "replicas", "host", "node", "kind", "argv", "env")
+    return all(getattr(old, f) == getattr(new, f) for f in same)

@@ -181,6 +181,11 @@ class InstanceSpec(Identity):
         return SERVICE_SLOTS
 
 
+def env_digest(env: dict[str, str]) -> dict[str, str]:
+    """A short hash of each environment value: enough to tell a changed one, nothing to leak a secret."""
+    return {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in sorted(env.items())}
+
+
 def plan_instances(
     cfg: StackConfig, names: Iterable[str], state_dir: Path, binary: BinaryInfo | None
 ) -> list[InstanceSpec]:

@@ -18,16 +18,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from modelfleet import health, memory
+from modelfleet import health, loading, memory
 from modelfleet.config import API_COMPONENT, StackConfig, Tier
 from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
 from modelfleet.fileutil import now_iso
 from modelfleet.instance import Identity, Kind
 from modelfleet.launcher import Launcher, LocalLauncher, tail_text
-from modelfleet.spec import BinaryInfo, InstanceSpec, plan_instances
+from modelfleet.spec import BinaryInfo, InstanceSpec, env_digest, plan_instances
 from modelfleet.state import InstanceRecord, StateStore
 
 STOP_GRACE_S = 10.0
+ENV_DIGEST = "env_sha256"  # a record's extra: a hash per environment variable it was started with
 
 
 class Status(StrEnum):
@@ -229,6 +230,7 @@ class Stack:
             create_time=handle.create_time,
             argv=spec.argv,
             health_path=spec.health_path,
+            extra={ENV_DIGEST: env_digest(spec.env)},
         )
         # Record at once, so a crash of this command leaves nothing the state file doesn't know.
         self.store.put(rec)
@@ -242,6 +244,7 @@ class Stack:
             timeout_s=spec.health_timeout_s,
             exit_code=lambda: self.launcher.exit_code(handle),
             log_tail=lambda: tail_text(self.launcher.read_log(handle), rec.log_file),
+            stage=lambda: loading.stage(self.launcher.read_log(handle)) if spec.kind is Kind.LLAMA_SERVER else None,
         )
 
     def _wait(self, waiters: list[health.Waiter]) -> None:
