@@ -99,6 +99,7 @@ class EventHub:
                 "old": old.value,
                 "new": new.value,
                 "detail": inst.detail,
+                "pid": inst.pid,
             }
         )
 

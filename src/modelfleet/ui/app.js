@@ -322,6 +322,7 @@ function onEvent(type, data) {
     if (st) {
       st.state = data.new;
       st.detail = data.detail;
+      st.pid = data.pid;
       renderInstance(data.instance);
     }
   } else if (type === "counters") {
