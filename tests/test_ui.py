@@ -7,6 +7,7 @@ opens the page and acts as a person would: clicks, types, reads rows.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -256,3 +257,48 @@ def test_the_log_tail_follows_and_searches(ui: Callable[..., Page], tiny_model: 
     p.page.wait_for_selector("#log mark")
     assert all("listening" in line.lower() for line in p.page.inner_text("#log").strip().splitlines())
     assert p.errors == []
+
+
+def read_events(resp: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    kind = ""
+    for line in resp.iter_lines():
+        if line.startswith("event: "):
+            kind = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            yield kind, json.loads(line.removeprefix("data: "))
+
+
+def test_scripts_can_follow_the_event_stream(ui: Callable[..., Page], tiny_model: Path) -> None:
+    p = ui(hot_and_warm(tiny_model))
+    p.wait_state("chat", "ready")
+    seen: list[tuple[str, str]] = []
+    with httpx.stream("GET", p.fleet.url + "/events", timeout=30) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        stream = read_events(resp)
+        kind, hello = next(stream)
+        assert kind == "hello" and {i["name"]: i["state"] for i in hello["instances"]}["chat"] == "ready"
+        assert httpx.post(p.fleet.url + "/admin/start/spare", timeout=60).status_code == 200
+        for kind, data in stream:
+            if kind == "state" and data["instance"] == "spare":
+                seen.append((data["old"], data["new"]))
+            if kind == "counters" and seen and seen[-1][1] == "ready":
+                assert data["instances"]["spare"]["uptime_s"] is not None
+                assert {s["name"]: s["state"] for s in data["status"]}["spare"] == "ready"
+                break
+    assert seen == [("stopped", "starting"), ("starting", "ready")]
+
+
+def test_a_checkpoint_is_created_and_restored_from_the_page(ui: Callable[..., Page], tiny_model: Path) -> None:
+    p = ui(hot_and_warm(tiny_model))
+    p.wait_state("chat", "ready")
+    p.page.fill("#cp-name", "before-spare")
+    p.page.click("#cp-form button[type=submit]")
+    p.page.wait_for_selector("#notice:text('checkpoint created')")
+    row = p.page.locator("#checkpoints tr[data-checkpoint]")
+    assert row.count() == 1 and "before-spare" in row.inner_text()
+    p.button("spare", "start").click()
+    p.wait_state("spare", "ready")
+    row.locator("button").click()
+    p.page.wait_for_selector("#notice:text('restored')", timeout=60000)
+    p.wait_state("spare", "stopped")  # the checkpoint had it stopped
+    assert p.unexpected_errors() == []
