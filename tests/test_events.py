@@ -138,7 +138,9 @@ def test_the_hub_counts_a_restart_of_the_supervisor_as_a_mark(tmp_path: Path) ->
             router.fleet.move(inst, State.READY)
         router.counters.bump(router.counters.restarts, "hot[0]")
         await settle()
-        hub.tick()
+        tick = hub.tick()
+        assert [(m["role"], m["kind"], m["instance"]) for m in tick["marks"]] == [("chat", "restart", "hot[0]")]
         assert [m["instance"] for m in hub.history()["chat"]["marks"]] == ["hot[0]"]
+        assert hub.tick()["marks"] == []  # each mark is sent once
 
     asyncio.run(main())

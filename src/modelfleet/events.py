@@ -155,7 +155,7 @@ class EventHub:
         """Take this second's sample: per-role history, capacity marks, per-instance counters."""
         now = self.clock()
         self._ticks += 1
-        self._take_marks(now)
+        marks = self._take_marks(now)
         for role, pool in self.router.pools.items():
             done = self._role_done.pop(role, [])
             sample = {
@@ -179,9 +179,12 @@ class EventHub:
             "pools": snap["pools"],
             "instances": self.instance_counters(now),
             "roles": self.role_now(),
+            "marks": marks,
         }
 
-    def _take_marks(self, now: float) -> None:
+    def _take_marks(self, now: float) -> list[dict[str, Any]]:
+        """New marks since the last tick (from the capacity counters), kept per role; returned with their role."""
+        new: list[dict[str, Any]] = []
         counters = self.router.counters
         for attr, label in MARK_KINDS.items():
             counts: dict[str, int] = getattr(counters, attr)
@@ -192,7 +195,9 @@ class EventHub:
                     for role in inst.roles if inst else ():
                         mark = {"t": round(now, 1), "kind": label, "instance": name}
                         self.marks.setdefault(role, deque(maxlen=MARKS)).append(mark)
+                        new.append({**mark, "role": role})
                 seen[name] = n
+        return new
 
     def instance_counters(self, now: float) -> dict[str, dict[str, Any]]:
         out = {}

@@ -174,7 +174,7 @@ function roleBox(role) {
   box = { div };
   for (const [key, label] of [["rps", "req/s"], ["p50_ms", "p50 ms"], ["queued", "queue"]]) {
     const line = el("div", { class: "spark" });
-    const canvas = el("canvas", { width: "260", height: "26" });
+    const canvas = el("canvas", { width: "260", height: "26", "data-series": key });
     const value = el("span", { class: "num" });
     line.append(el("span", {}, label), canvas, value);
     div.appendChild(line);
@@ -186,6 +186,11 @@ function roleBox(role) {
 }
 
 function drawSpark(canvas, samples, key, marks, t0, t1) {
+  // Drawn at the element's size in device pixels, so lines stay sharp.
+  const dpr = window.devicePixelRatio || 1;
+  const cw = Math.max(50, Math.round(canvas.clientWidth * dpr));
+  const ch = Math.max(10, Math.round(canvas.clientHeight * dpr));
+  if (canvas.width !== cw || canvas.height !== ch) { canvas.width = cw; canvas.height = ch; }
   const ctx = canvas.getContext("2d");
   const w = canvas.width;
   const h = canvas.height;
@@ -207,20 +212,30 @@ function drawSpark(canvas, samples, key, marks, t0, t1) {
   }
   ctx.stroke();
   ctx.fillStyle = "#9a6700";
-  ctx.font = "9px sans-serif";
+  ctx.strokeStyle = "rgba(154, 103, 0, 0.35)";
+  ctx.font = Math.round(10 * dpr) + "px sans-serif";
   for (const m of marks) {
     if (m.t < t0) continue;
-    ctx.fillText(MARK_GLYPH[m.kind] || "•", x(m.t) - 3, 9);
+    const px = x(m.t);
+    ctx.beginPath();
+    ctx.moveTo(px, 0);
+    ctx.lineTo(px, h);
+    ctx.stroke();
+    ctx.fillText(MARK_GLYPH[m.kind] || "•", px + 2, Math.round(10 * dpr));
   }
 }
 
 function renderRoles() {
-  const now = Date.now() / 1000;
   for (const [role, hist] of Object.entries(ui.history)) {
     const box = roleBox(role);
     const last = hist.seconds[hist.seconds.length - 1] || {};
+    // The server's clock, not the browser's: the axis ends at the newest sample and spans
+    // what there is, up to 15 minutes.
+    const now = last.t || Date.now() / 1000;
+    const first = hist.seconds.length ? hist.seconds[0].t : now;
+    const t0 = Math.max(now - HISTORY, Math.min(first, now - 60));
     for (const key of ["rps", "p50_ms", "queued"]) {
-      drawSpark(box[key].canvas, hist.seconds, key, hist.marks, now - HISTORY, now);
+      drawSpark(box[key].canvas, hist.seconds, key, hist.marks, t0, now);
       setText(box[key].value, last[key] === null || last[key] === undefined ? "" : last[key]);
     }
   }
@@ -333,6 +348,11 @@ function onEvent(type, data) {
       if (row) setText(row.cells.reason, "loading for " + p.elapsed_s + " s" + (p.rss ? ", " + bytes(p.rss) + " so far" : ""));
     }
     takeRoleSamples(data.roles);
+    for (const m of data.marks || []) {
+      const hist = ui.history[m.role] || (ui.history[m.role] = { seconds: [], marks: [] });
+      hist.marks.push(m);
+      if (hist.marks.length > 2000) hist.marks.shift();
+    }
     renderRoles();
     renderFill();
   } else if (type === "dropped") {
