@@ -96,8 +96,10 @@ def test_role_history_is_bounded_to_a_day_and_marks_follow_the_capacity_counters
             hub.tick()
             wall.advance(1)
         hist = hub.history()
-        assert len(hist["chat"]["seconds"]) == events.PER_SECOND
-        assert len(hist["chat"]["minutes"]) == (events.PER_SECOND * 2 + 120) // 60
+        assert len(hist["chat"]["seconds"]["t"]) == events.PER_SECOND
+        assert len(hist["chat"]["minutes"]["rps"]) == (events.PER_SECOND * 2 + 120) // 60
+        assert hist["chat"]["seconds"]["rps"][-7:].count(1) == 1  # one request in every 7 s
+        assert "minutes" not in hub.history(day=False)["chat"]
         assert [m["kind"] for m in hist["chat"]["marks"]] == ["warm start"]  # once, on both of warm's roles
         assert [m["kind"] for m in hist["extra"]["marks"]] == ["warm start"]
         assert hist["other"]["marks"] == []

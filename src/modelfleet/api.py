@@ -144,6 +144,7 @@ class FrontDoor:
             Route("/ui", self._guard(webui.page, page=True), methods=["GET"]),
             Route("/ui/{file}", self._guard(webui.page, page=True), methods=["GET"]),
             Route("/ui/api/view", self._guard(bound(webui.view)), methods=["GET"]),
+            Route("/ui/api/history", self._guard(bound(webui.history)), methods=["GET"]),
             Route("/ui/api/sweep.png", self._guard(bound(webui.sweep_plot)), methods=["GET"]),
             Route("/ui/api/logs/{name}", self._guard(bound(webui.logs), admin=True), methods=["GET"]),
             Route("/events", self._guard(bound(webui.events)), methods=["GET"]),

@@ -181,6 +181,7 @@ function roleBox(role) {
     box[key] = { canvas, value };
   }
   $("roles").appendChild(div);
+  roleObserver.observe(div);
   ui.roleCanvases.set(role, box);
   return box;
 }
@@ -188,9 +189,10 @@ function roleBox(role) {
 function drawSpark(canvas, samples, key, marks, t0, t1) {
   // Drawn at the element's size in device pixels, so lines stay sharp.
   const dpr = window.devicePixelRatio || 1;
-  const cw = Math.max(50, Math.round(canvas.clientWidth * dpr));
-  const ch = Math.max(10, Math.round(canvas.clientHeight * dpr));
-  if (canvas.width !== cw || canvas.height !== ch) { canvas.width = cw; canvas.height = ch; }
+  if (canvas.width !== ui.spark.w || canvas.height !== ui.spark.h) {
+    canvas.width = ui.spark.w;
+    canvas.height = ui.spark.h;
+  }
   const ctx = canvas.getContext("2d");
   const w = canvas.width;
   const h = canvas.height;
@@ -202,14 +204,28 @@ function drawSpark(canvas, samples, key, marks, t0, t1) {
   ctx.lineWidth = 1;
   ctx.beginPath();
   let started = false;
-  for (const s of samples) {
-    const v = s[key];
-    if (v === null || v === undefined) { started = false; continue; }
-    const px = x(s.t);
-    const py = h - 2 - (v / max) * (h - 4);
+  let lastPx = -1;
+  let peak = null;
+  // At most one point per pixel column (its highest value): 900 samples on 300 pixels.
+  const flush = (px) => {
+    const py = h - 2 - (peak / max) * (h - 4);
     if (started) ctx.lineTo(px, py); else ctx.moveTo(px, py);
     started = true;
+    peak = null;
+  };
+  for (const s of samples) {
+    const v = s[key];
+    if (v === null || v === undefined) {
+      if (peak !== null) flush(lastPx);
+      started = false;
+      continue;
+    }
+    const px = Math.round(x(s.t));
+    if (px !== lastPx && peak !== null) flush(lastPx);
+    peak = peak === null ? v : Math.max(peak, v);
+    lastPx = px;
   }
+  if (peak !== null) flush(lastPx);
   ctx.stroke();
   ctx.fillStyle = "#9a6700";
   ctx.strokeStyle = "rgba(154, 103, 0, 0.35)";
@@ -225,8 +241,32 @@ function drawSpark(canvas, samples, key, marks, t0, t1) {
   }
 }
 
+// Only the role boxes on screen are drawn (50 roles are 150 canvases); each is drawn as it scrolls in.
+const visibleRoles = new Set();
+const roleObserver = new IntersectionObserver((entries) => {
+  for (const e of entries) {
+    if (e.isIntersecting) visibleRoles.add(e.target.dataset.role); else visibleRoles.delete(e.target.dataset.role);
+  }
+  renderRoles();
+});
+ui.spark = { w: 0, h: 0 };
+
+// The canvases' size is read once (and after a resize), not on every draw: a layout read per
+// canvas would make the browser lay the page out once per canvas.
+function measureSpark() {
+  const c = document.querySelector("#roles canvas");
+  if (!c) return;
+  const dpr = window.devicePixelRatio || 1;
+  ui.spark = { w: Math.max(50, Math.round(c.clientWidth * dpr)), h: Math.max(10, Math.round(c.clientHeight * dpr)) };
+}
+
+window.addEventListener("resize", () => { measureSpark(); renderRoles(); });
+
 function renderRoles() {
+  for (const role of Object.keys(ui.history)) roleBox(role);
+  if (!ui.spark.w) measureSpark();
   for (const [role, hist] of Object.entries(ui.history)) {
+    if (!visibleRoles.has(role)) continue;
     const box = roleBox(role);
     const last = hist.seconds[hist.seconds.length - 1] || {};
     // The server's clock, not the browser's: the axis ends at the newest sample and spans
@@ -281,7 +321,10 @@ function takeView(v) {
   ui.estimates = v.estimates || {};
   ui.counters = v.counters || {};
   for (const [role, h] of Object.entries(v.history || {})) {
-    ui.history[role] = { seconds: h.seconds.slice(-HISTORY), marks: h.marks };
+    // Columns from the server ({t: [...], rps: [...], ...}) to samples.
+    const cols = h.seconds;
+    const seconds = cols.t.map((t, i) => ({ t, rps: cols.rps[i], p50_ms: cols.p50_ms[i], queued: cols.queued[i] }));
+    ui.history[role] = { seconds: seconds.slice(-HISTORY), marks: h.marks };
   }
   takeStatus(v.instances);
   $("plan").textContent = v.plan.tree;
