@@ -174,6 +174,8 @@ class FrontDoor:
             try:
                 if not page:  # the page's files are public; it asks for the key and sends it on every call
                     self._check_key(request.headers, admin)
+                if admin:
+                    webui.check_same_origin(request.method, request.headers)
                 return await handler(request)
             except FleetError as exc:
                 return error_response(exc)

@@ -11,10 +11,11 @@ key, through the API's guard.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -50,6 +51,25 @@ class Door(Protocol):
     router: Router
     events: EventHub
     started: float
+
+
+def check_same_origin(method: str, headers: Mapping[str, str]) -> None:
+    """Refuse a state-changing request another web site's page sent through the browser.
+
+    Browsers name the page's origin on such requests; scripts and the CLI send no ``Origin``. Without
+    this, a page on any site could POST to a front door on localhost that has no admin key set.
+    """
+    origin = headers.get("origin")
+    if method in ("GET", "HEAD", "OPTIONS") or origin is None:
+        return
+    host = headers.get("host", "")
+    if urlsplit(origin).netloc != host:
+        raise ApiError(
+            403,
+            f"cross-site request from {origin} refused; admin actions come from this front door's own page "
+            "or from a client without an Origin header",
+            "permission_error",
+        )
 
 
 def static_dir() -> Path:
