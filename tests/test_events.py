@@ -9,6 +9,7 @@ from pathlib import Path
 from fakes.fleet import Clock, make_router, settle
 from modelfleet import events
 from modelfleet.events import EventHub, sse, usage_of
+from modelfleet.instance import Handle
 from modelfleet.lifecycle import State
 
 STREAM_TAIL = (
@@ -144,5 +145,38 @@ def test_the_hub_counts_a_restart_of_the_supervisor_as_a_mark(tmp_path: Path) ->
         assert [(m["role"], m["kind"], m["instance"]) for m in tick["marks"]] == [("chat", "restart", "hot[0]")]
         assert [m["instance"] for m in hub.history()["chat"]["marks"]] == ["hot[0]"]
         assert hub.tick()["marks"] == []  # each mark is sent once
+
+    asyncio.run(main())
+
+
+def test_the_sampler_measures_memory_through_the_launcher_and_survives_a_failed_sample(tmp_path: Path) -> None:
+    class Launcher:
+        def rss(self, handle: Handle) -> int:
+            return 4096 if handle.pid == 11 else 0
+
+    async def main() -> None:
+        hub, _, _ = hub_on(tmp_path)
+        hub.router.stack.launcher = Launcher()  # type: ignore[assignment]
+        inst = hub.router.fleet.instances["server_9001"]
+        hub.router.fleet.move(inst, State.STARTING)
+        hub.router.fleet.move(inst, State.READY)
+        inst.handle = Handle("local", 11, 0.0)
+        real_tick, calls = hub.tick, []
+
+        def flaky() -> events.Event:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("one bad sample")
+            return real_tick()
+
+        hub.tick = flaky  # type: ignore[method-assign]
+        sub = hub.subscribe()
+        task = asyncio.create_task(hub.run(interval_s=0.001))
+        try:
+            event = await asyncio.wait_for(sub.queue.get(), 5)
+        finally:
+            task.cancel()
+        assert event["type"] == "counters" and len(calls) >= 2
+        assert hub.rss == {inst.name: 4096} and event["instances"][inst.name]["rss"] == 4096
 
     asyncio.run(main())

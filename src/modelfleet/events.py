@@ -17,7 +17,9 @@ bounded queue; one that falls behind is dropped rather than let it hold memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import re
 import statistics
 import time
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelfleet.fleet import Instance
+from modelfleet.instance import Handle
 from modelfleet.lifecycle import State
 from modelfleet.router import Router
 
@@ -37,6 +40,8 @@ MARKS = 2000  # capacity events kept per role
 REQUESTS_KEPT = 4096  # per instance, at most this many requests of the last minute
 SUBSCRIBER_QUEUE = 512  # events a subscriber may fall behind before it is dropped
 MEMORY_EVERY = 5  # ticks between RSS samples
+log = logging.getLogger("modelfleet.events")
+
 MARK_KINDS = {"warm_starts": "warm start", "idle_stops": "idle stop", "evictions": "eviction", "restarts": "restart"}
 
 Event = dict[str, Any]
@@ -134,22 +139,31 @@ class EventHub:
     # --- the once-a-second sample -------------------------------------------------------------
 
     async def run(self, interval_s: float = 1.0) -> None:
+        """Sample once a second until cancelled; a failed sample is logged and the next one taken."""
         while True:
             await asyncio.sleep(interval_s)
-            if self._ticks % MEMORY_EVERY == 0:
-                await asyncio.to_thread(self._sample_memory)
-            self.publish(self.tick())
+            try:
+                if self._ticks % MEMORY_EVERY == 0:
+                    self.rss = await asyncio.to_thread(self._sample_memory, self._running())
+                self.publish(self.tick())
+            except Exception:
+                log.exception("sampling the fleet's counters failed")
 
-    def _sample_memory(self) -> None:
+    def _running(self) -> list[tuple[str, Handle]]:
+        """Read on the loop (the fleet is the loop's); measured in a thread."""
+        return [
+            (i.name, i.handle)
+            for i in self.router.fleet
+            if i.handle is not None and i.state not in (State.STOPPED, State.FAILED)
+        ]
+
+    def _sample_memory(self, running: list[tuple[str, Handle]]) -> dict[str, int]:
         launcher = self.router.stack.launcher
-        for inst in list(self.router.fleet):
-            if inst.handle is not None and inst.state not in (State.STOPPED, State.FAILED):
-                try:
-                    self.rss[inst.name] = launcher.rss(inst.handle)
-                except Exception:  # gone between the check and the read
-                    self.rss.pop(inst.name, None)
-            else:
-                self.rss.pop(inst.name, None)
+        out = {}
+        for name, handle in running:
+            with contextlib.suppress(Exception):  # gone between the check and the read
+                out[name] = launcher.rss(handle)
+        return out
 
     def tick(self) -> Event:
         """Take this second's sample: per-role history, capacity marks, per-instance counters."""
