@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from fakes.fleet import Clock, make_router, settle
-from modelfleet import events
+from modelfleet import events, webui
 from modelfleet.events import EventHub, sse, usage_of
 from modelfleet.instance import Handle
 from modelfleet.lifecycle import State
@@ -178,5 +180,24 @@ def test_the_sampler_measures_memory_through_the_launcher_and_survives_a_failed_
             task.cancel()
         assert event["type"] == "counters" and len(calls) >= 2
         assert hub.rss == {inst.name: 4096} and event["instances"][inst.name]["rss"] == 4096
+
+    asyncio.run(main())
+
+
+def test_load_progress_of_a_starting_instance_reads_its_log_through_the_launcher(tmp_path: Path) -> None:
+    async def main() -> None:
+        hub, _, _ = hub_on(tmp_path)
+        router = hub.router
+        inst = router.fleet.instances["server_9003"]
+        log_file = tmp_path / "warm.log"
+        log_file.write_text("load_tensors: loading model\nllama_model_load: 40% done <b>\n\n")
+        inst.spec = dataclasses.replace(inst.spec, log_file=str(log_file))
+        router.fleet.move(inst, State.STARTING, "admin start")
+        door = SimpleNamespace(router=router, stack=router.stack, events=hub)
+        progress = await webui._starting(door)  # type: ignore[arg-type]
+        assert list(progress) == ["warm"]
+        assert progress["warm"]["log"] == "llama_model_load: 40% done <b>" and progress["warm"]["elapsed_s"] >= 0
+        router.fleet.move(inst, State.READY)
+        assert await webui._starting(door) == {}  # type: ignore[arg-type]
 
     asyncio.run(main())

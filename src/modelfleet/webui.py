@@ -24,6 +24,8 @@ from modelfleet import hooks, memory
 from modelfleet.config import StackConfig
 from modelfleet.errors import ApiError, FleetError
 from modelfleet.events import EventHub, sse
+from modelfleet.fleet import Instance
+from modelfleet.instance import Handle
 from modelfleet.lifecycle import State
 from modelfleet.router import Router
 from modelfleet.stack import Stack
@@ -170,11 +172,7 @@ async def logs(door: Door, request: Request) -> Response:
     if inst is None:
         known = ", ".join(i.name for i in door.router.fleet)
         raise ApiError(404, f"no instance '{name}'; known: {known}", "not_found_error")
-    text = ""
-    if inst.handle is not None:
-        text = await asyncio.to_thread(door.stack.launcher.read_log, inst.handle, LOG_BYTES)
-    elif inst.spec.log_file and Path(inst.spec.log_file).is_file():
-        text = f"({name} is {inst.state.value}; no process to read the log of)"
+    text = await asyncio.to_thread(door.stack.launcher.read_log, _log_handle(inst), LOG_BYTES)
     return Response(text, media_type="text/plain; charset=utf-8", headers={"Cache-Control": "no-store"})
 
 
@@ -194,7 +192,7 @@ async def events(door: Door, request: Request) -> Response:
                     yield b": keep-alive\n\n"
                     continue
                 if event["type"] == "counters":
-                    event = {**event, "starting": _starting(door)}
+                    event = {**event, "starting": await _starting(door)}
                 yield sse(event)
             yield sse({"type": "dropped", "t": hub.clock(), "detail": "this reader fell behind; reconnect"})
         finally:
@@ -204,11 +202,25 @@ async def events(door: Door, request: Request) -> Response:
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
-def _starting(door: Door) -> dict[str, dict[str, Any]]:
-    """Load progress of the instances starting now: seconds in, and memory held against the estimate."""
+def _log_handle(inst: Instance) -> Handle:
+    """The instance's process, or (stopped, or starting before its process is recorded) just its log file."""
+    return inst.handle or Handle(inst.spec.node, 0, 0.0, inst.spec.log_file)
+
+
+async def _starting(door: Door) -> dict[str, dict[str, Any]]:
+    """Load progress of the instances starting now: seconds in, memory held so far, the log's last line."""
     now = door.router.fleet.clock()
+    starting = [i for i in door.router.fleet if i.state is State.STARTING]
+    if not starting:
+        return {}
+    handles = [_log_handle(i) for i in starting]
+    tails = await asyncio.to_thread(lambda: [_last_line(door.stack.launcher.read_log(h, 2048)) for h in handles])
     return {
-        i.name: {"elapsed_s": round(now - i.since, 1), "rss": door.events.rss.get(i.name)}
-        for i in door.router.fleet
-        if i.state is State.STARTING
+        i.name: {"elapsed_s": round(now - i.since, 1), "rss": door.events.rss.get(i.name), "log": tail}
+        for i, tail in zip(starting, tails, strict=True)
     }
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""

@@ -388,7 +388,10 @@ function onEvent(type, data) {
     takeStatus(data.status);
     for (const [name, p] of Object.entries(data.starting || {})) {
       const row = ui.rows.get(name);
-      if (row) setText(row.cells.reason, "loading for " + p.elapsed_s + " s" + (p.rss ? ", " + bytes(p.rss) + " so far" : ""));
+      if (!row) continue;
+      let text = "loading for " + p.elapsed_s + " s" + (p.rss ? ", " + bytes(p.rss) + " so far" : "");
+      if (p.log) text += ": " + p.log;
+      setText(row.cells.reason, text);
     }
     takeRoleSamples(data.roles);
     for (const m of data.marks || []) {
