@@ -288,7 +288,9 @@ def test_scripts_can_follow_the_event_stream(ui: Callable[..., Page], tiny_model
     assert seen == [("stopped", "starting"), ("starting", "ready")]
 
 
-def test_a_cross_site_page_cannot_use_the_controls_even_without_keys(ui: Callable[..., Page], tiny_model: Path) -> None:
+def test_a_cross_site_page_cannot_use_the_controls_and_the_own_page_drains(
+    ui: Callable[..., Page], tiny_model: Path
+) -> None:
     p = ui(hot_and_warm(tiny_model))
     p.wait_state("chat", "ready")
     resp = httpx.post(p.fleet.url + "/admin/stop/chat", headers={"Origin": "http://elsewhere.example"}, timeout=10)
@@ -296,6 +298,10 @@ def test_a_cross_site_page_cannot_use_the_controls_even_without_keys(ui: Callabl
     assert p.fleet.status()["chat"]["state"] == "ready"
     own = p.page.evaluate("async () => (await fetch('/admin/start/spare', {method: 'POST'})).status")
     assert own == 200  # the page's own origin is fine
+    p.wait_state("spare", "ready")
+    p.button("spare", "drain").click()  # one instance: out of rotation, then stopped
+    p.wait_state("spare", "stopped")
+    assert p.fleet.status()["spare"]["state"] == "stopped"
 
 
 def test_a_checkpoint_is_created_and_restored_from_the_page(ui: Callable[..., Page], tiny_model: Path) -> None:
