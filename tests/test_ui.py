@@ -120,7 +120,7 @@ def test_page_loads_clean_with_a_strict_policy_and_shows_the_stack_healthy(
     p.page.wait_for_function(
         "() => document.querySelector('tr[data-instance=\"chat\"] td.rps').textContent !== '0.00'", timeout=5000
     )
-    p.shot("overview")
+    p.shot("healthy")
     assert p.errors == []
 
 
