@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -201,3 +202,15 @@ def test_load_progress_of_a_starting_instance_reads_its_log_through_the_launcher
         assert await webui._starting(door) == {}  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+def test_the_page_finds_the_newest_sweep_report_and_its_plot(tmp_path: Path) -> None:
+    assert webui.newest_sweep(tmp_path) is None
+    old, new = tmp_path / "sweep-a-20260101-000000.md", tmp_path / "sweep-a-20260102-000000.md"
+    old.write_text("old")
+    new.write_text("| c | tok/s |\n| 1 | <b>9</b> |")
+    os.utime(old, (1, 1))
+    found = webui.newest_sweep(tmp_path)
+    assert found == {"file": new.name, "text": "| c | tok/s |\n| 1 | <b>9</b> |", "plot": False}
+    new.with_suffix(".png").write_bytes(b"\x89PNG")
+    assert webui.newest_sweep(tmp_path)["plot"] is True  # type: ignore[index]
