@@ -39,9 +39,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from modelfleet import apply, checkpoint, handover, loading, registry, upstream
+from modelfleet import apply, checkpoint, handover, loading, registry, upstream, webui
 from modelfleet.config import StackConfig, Tier, load_config_file
 from modelfleet.errors import ApiError, ConnectFailed, FleetError, StartupError, Unavailable, Unsendable, UpstreamError
+from modelfleet.events import EventHub
 from modelfleet.fleet import Instance, Lease
 from modelfleet.instance import Handle, Kind
 from modelfleet.lifecycle import State
@@ -129,6 +130,7 @@ class FrontDoor:
         self._applying = asyncio.Lock()  # one apply at a time
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = Metrics(self.router)
+        self.events = EventHub(self.router)  # the page's feed (/ui, /events)
         self.app = Starlette(
             routes=self._routes(),
             lifespan=self._lifespan,
@@ -151,6 +153,23 @@ class FrontDoor:
             Route("/admin/checkpoints", self._guard(self.checkpoints, admin=True), methods=["GET", "POST"]),
             Route("/admin/checkpoints/{id}", self._guard(self.checkpoint_one, admin=True), methods=["POST", "DELETE"]),
             Route("/admin/{action}/{name}", self._guard(self.admin_action, admin=True), methods=["POST"]),
+            *self._ui_routes(),
+        ]
+
+    def _ui_routes(self) -> list[Route]:
+        """The web page (webui.py): its files, its view, logs (admin) and the event stream."""
+
+        def bound(fn: Callable[[webui.Door, Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+            return lambda request: fn(self, request)
+
+        return [
+            Route("/ui", self._guard(webui.page, page=True), methods=["GET"]),
+            Route("/ui/{file}", self._guard(webui.page, page=True), methods=["GET"]),
+            Route("/ui/api/view", self._guard(bound(webui.view)), methods=["GET"]),
+            Route("/ui/api/history", self._guard(bound(webui.history)), methods=["GET"]),
+            Route("/ui/api/sweep.png", self._guard(bound(webui.sweep_plot)), methods=["GET"]),
+            Route("/ui/api/logs/{name}", self._guard(bound(webui.logs), admin=True), methods=["GET"]),
+            Route("/events", self._guard(bound(webui.events)), methods=["GET"]),
         ]
 
     @contextlib.asynccontextmanager
@@ -158,6 +177,7 @@ class FrontDoor:
         self.loop = asyncio.get_running_loop()
         await self.router.adopt()
         monitor = asyncio.create_task(self.router.monitor()) if self.run_monitor else None
+        sampler = asyncio.create_task(self.events.run())
         control = await self._take_over_and_offer()
         hup = self._listen_for_sighup()
         log.info("front door ready on %s:%s", self.cfg.api.host, self.cfg.api.port)
@@ -167,9 +187,10 @@ class FrontDoor:
             await handover.close(control)
             if hup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            sampler.cancel()
             if monitor is not None:
                 monitor.cancel()
-                await asyncio.gather(monitor, return_exceptions=True)
+            await asyncio.gather(sampler, *([monitor] if monitor else []), return_exceptions=True)
             await self.router.close()  # and its HTTP client
 
     async def _take_over_and_offer(self) -> asyncio.AbstractServer | None:
@@ -202,11 +223,14 @@ class FrontDoor:
     # --- access ------------------------------------------------------------------
 
     def _guard(
-        self, handler: Callable[[Request], Awaitable[Response]], admin: bool = False
+        self, handler: Callable[[Request], Awaitable[Response]], admin: bool = False, page: bool = False
     ) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
             try:
-                self._check_key(request.headers, admin)
+                if not page:  # the page's files are public; it asks for the key and sends it on every call
+                    self._check_key(request.headers, admin)
+                if admin:
+                    webui.check_same_origin(request.method, request.headers)
                 if admin and request.method != "GET":
                     # A change runs to its end even if its client leaves (a request whose client is
                     # gone is cancelled, see wire.Exchange): a half-done stop or restore helps nobody.
@@ -432,9 +456,10 @@ class FrontDoor:
         action, name = request.path_params["action"], request.path_params["name"]
         verbs = {"start": self.router.start_component, "stop": self.router.stop_component}
         verbs["reload"] = self.router.reload_component
+        verbs["drain"] = self.router.drain_instance
         verb = verbs.get(action)
         if verb is None:
-            raise ApiError(404, f"unknown admin action '{action}'; use start, stop or reload")
+            raise ApiError(404, f"unknown admin action '{action}'; use start, stop, reload or drain")
         instances = await verb(name, f"admin {action}")
         states = {b.name: b.state.value for b in instances}
         return JSONResponse({"component": name, "action": action, "instances": states})
@@ -565,6 +590,7 @@ class ProxyResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             headers = [(k.lower(), v) for k, v in self.response.raw_headers if k.lower() not in HOP_BY_HOP]
+            headers.append((b"x-modelfleet-instance", self.backend.name.encode()))  # who served it
             if self.response.arrived:
                 await self._send_whole(send, headers)
             else:
@@ -680,6 +706,8 @@ class ProxyResponse(Response):
         found = _TOKENS.findall(tail)
         if found:
             m.child(m.tokens, self.pool.role, self.backend.name).inc(int(found[-1]))
+        latency = time.perf_counter() - self.t0
+        self.door.events.record(self.pool.role, self.backend.name, latency, tail, self.status_code)
 
 
 def _sse_error(tail: bytes, status: int, message: str, source: str = "backend") -> bytes:

@@ -130,6 +130,15 @@ class Router:
             await asyncio.shield(task)  # a caller that gives up does not call off the start
         return found
 
+    async def drain_instance(self, name: str, reason: str) -> list[Instance]:
+        """Drain one instance (by its name, ``embedder[2]``, or its component's when single), then stop it."""
+        found = [i for i in self.fleet if i.name == name]
+        if not found:
+            known = ", ".join(i.name for i in self.fleet)
+            raise UsageError(f"'{name}' is not an instance of this stack; known: {known}")
+        await self.capacity.drain_and_stop(found[0], reason)
+        return found
+
     async def reload_component(self, name: str, reason: str) -> list[Instance]:
         """Drain, stop and start again; requests for it meanwhile wait in line instead of failing."""
         keys = {i.key for i in self._component(name)}
