@@ -40,6 +40,7 @@ from modelfleet.errors import ApiError, ConnectFailed, FleetError, Stale, Upstre
 from modelfleet.fleet import Lease
 from modelfleet.lifecycle import State
 from modelfleet.metrics import Metrics
+from modelfleet.placement import launcher_for
 from modelfleet.pool import Pool
 from modelfleet.router import Router
 from modelfleet.spec import BinaryInfo, find_llama_server, probe_binary
@@ -536,10 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config_file(args.config)
         binary: BinaryInfo | None = probe_binary(find_llama_server(cfg)) if cfg.servers else None
+        launcher = launcher_for(cfg)
+        connect = getattr(launcher, "connect", None)
+        if connect is not None:
+            connect()  # a cluster's client joins from the main thread, before the server's loop starts
     except FleetError as exc:
         log.error("%s", exc)
         return exc.exit_code
-    stack = Stack(cfg, args.state_dir, binary, say=log.info, stop_grace_s=cfg.api.stop_grace_s)
+    stack = Stack(cfg, args.state_dir, binary, launcher=launcher, say=log.info, stop_grace_s=cfg.api.stop_grace_s)
     app = create_app(cfg, stack)
     uvicorn.run(
         app,

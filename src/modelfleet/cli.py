@@ -24,8 +24,9 @@ from modelfleet import checkpoint, health, hooks, memory, paths, provision, regi
 from modelfleet.bench import sweep as bench
 from modelfleet.config import API_COMPONENT, StackConfig, load_config, load_config_file
 from modelfleet.errors import BinaryError, CheckpointError, FleetError, OverBudget, StartupError, UsageError
-from modelfleet.instance import local_url
+from modelfleet.instance import LOCAL_NODE, local_url
 from modelfleet.lifecycle import State
+from modelfleet.placement import launcher_for
 from modelfleet.spec import BinaryInfo, find_llama_server, plan_instances, probe_binary
 from modelfleet.stack import Stack, Status, StatusRow
 
@@ -116,6 +117,7 @@ def make_stack(config_path: Path | None, dev: bool, state_dir: Path | None, need
         cfg,
         resolve_state_dir(cfg, state_dir),
         binary,
+        launcher=launcher_for(cfg),
         say=lambda m: err.print(m, markup=False),
         progress=_Progress(),
         binary_error=problem,
@@ -507,16 +509,22 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
         out.print_json(data={"instances": instances, "hooks": [h.to_json() for h in hook_results or []]})
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    cols = ("COMPONENT", "PORT", "PID", "STATUS", "INFLIGHT", "QUEUED", "TIER", "EST", "MEASURED", "MODEL", "ROLES")
+    cols: tuple[str, ...] = ("COMPONENT", "PORT", "PID", "STATUS", "INFLIGHT", "QUEUED", "TIER", "EST", "MEASURED")
+    cols += ("MODEL", "ROLES")
+    placed = any(r.node != LOCAL_NODE for r in rows)  # some run on other nodes (placement: ray)
+    if placed:
+        cols = (*cols[:3], "NODE", *cols[3:])
     for col in cols:
         table.add_column(col, no_wrap=col != "ROLES")
     colors = {"healthy": "green", "loading": "yellow", "stopped": "dim"}
     for r in rows:
         color = colors.get(r.status.value, "red")
+        node = [escape(_node_label(r))] if placed else []
         table.add_row(
             escape(r.name),
             str(r.port),
             str(r.pid or "-"),
+            *node,
             f"[{color}]{r.status.value}[/]" + (f" ({r.routing})" if r.routing not in (None, "ready") else ""),
             "-" if r.in_flight is None else str(r.in_flight),
             "-" if r.queued is None else str(r.queued),
@@ -528,6 +536,13 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
         )
     out.print(table)
     _print_hooks(hook_results or [])
+
+
+def _node_label(r: StatusRow) -> str:
+    """``3f2a9c1d@10.0.0.7`` for an instance on a Ray node, ``local`` for one on this machine."""
+    if r.node == LOCAL_NODE:
+        return "local" if r.pid else "-"
+    return f"{r.node[:8]}@{r.node_address}" if r.node_address else r.node[:8]
 
 
 def _print_hooks(results: list[hooks.HookResult]) -> None:
