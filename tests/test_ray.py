@@ -8,7 +8,9 @@ it runs last.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -203,6 +205,45 @@ def test_too_big_for_any_node_and_missing_files_are_named(nodes: Nodes, ray_stac
         stack.start(stack.select())
     assert f"servers.lost.model: {missing} does not exist on node {nodes.head.node_ip_address}" in str(err.value)
     assert our_actors() == [] and stack.store.read() == {}
+
+
+def test_plan_shows_the_tree_per_node_and_the_placement(nodes: Nodes, tmp_path: Path, tiny_model: Path) -> None:
+    pa, pb = free_ports(2)
+    (tmp_path / "stack.yaml").write_text(
+        stack_yaml(nodes, srv("alpha", tiny_model, pa, 1.5, node="big_box") + srv("beta", tiny_model, pb, 1.5))
+    )
+    shown = stack_cli(tmp_path, "plan")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    text = shown.stdout
+    assert "Ray cluster: 3 node(s)" in text and "✓ the 2 HOT instance(s) fit" in text
+    a_line = next(line for line in text.splitlines() if nodes.id_of(nodes.a)[:8] in line)
+    assert "2 GB (ram_gb), HOT 1.5 GB" in a_line
+    assert "alpha (:" in text.split(nodes.id_of(nodes.a)[:8], 1)[1].split("node ", 1)[0]
+    (tmp_path / "stack.yaml").write_text(
+        stack_yaml(
+            nodes, srv("alpha", tiny_model, pa, 1.5, node="big_box") + srv("beta", tiny_model, pb, 1.5, node="big_box")
+        )
+    )
+    refused = stack_cli(tmp_path, "plan")
+    assert refused.returncode == 6 and "do not fit on the Ray cluster together" in refused.stdout
+    assert our_actors() == []
+
+
+def test_a_new_actor_kills_the_leftover_its_node_recorded(tmp_path: Path) -> None:
+    from modelfleet.ray_launcher import NodeKeeper, _pid_dir
+
+    leftover = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        pidfile = _pid_dir("modelfleet-leftover-test") / "server_1.json"
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(json.dumps({"pid": leftover.pid, "create_time": psutil.Process(leftover.pid).create_time()}))
+        keeper = NodeKeeper("server_1", "modelfleet-leftover-test")
+        assert keeper.killed_leftover == leftover.pid
+        leftover.wait(timeout=10)  # gone (the keeper reaped it, so its exit status is not ours to see)
+        assert not psutil.pid_exists(leftover.pid) and not pidfile.exists()
+    finally:
+        leftover.kill()
+        leftover.wait()
 
 
 def front_door_status(port: int) -> dict[str, dict[str, Any]]:

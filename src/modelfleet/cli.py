@@ -259,6 +259,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _check_memory(stack: Stack, chosen: list[str], ignore: bool) -> None:
     """Before anything starts: the HOT tier, what this start adds and the OS reserve must fit."""
+    if stack.cfg.placement.kind != "local":
+        return  # on a cluster, each node's room is checked by the placement (see `modelfleet plan`)
     plan = memory.build_plan(stack.cfg, starting=chosen, store=memory.MeasurementStore.in_dir(stack.store.dir))
     if plan.fits:
         return
@@ -281,8 +283,28 @@ def plan(config_path: Path | None, dev: bool, state_dir: Path | None, total_gb: 
         out.print_json(data=result.to_json())
     else:
         out.print(memory.render_tree(result), markup=False)
+    if cfg.placement.kind != "local":
+        placed_fits = _plan_placement(cfg, resolve_state_dir(cfg, state_dir), as_json)
+        if not placed_fits:
+            sys.exit(OverBudget.exit_code)
+        return
     if not result.fits:
         sys.exit(OverBudget.exit_code)
+
+
+def _plan_placement(cfg: StackConfig, state_dir: Path, as_json: bool) -> bool:
+    """With `placement: ray`: the tree per node and where the HOT instances would go."""
+    launcher = launcher_for(cfg)
+    plan_placement = getattr(launcher, "plan_placement", None)
+    if plan_placement is None:
+        return True
+    specs = plan_instances(cfg, cfg.components(), state_dir, None)
+    text, fits = plan_placement(specs, cfg)
+    if as_json:
+        err.print(text, markup=False)
+    else:
+        out.print("\n" + text, markup=False)
+    return bool(fits)
 
 
 @cli.command()

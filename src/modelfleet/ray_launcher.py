@@ -352,6 +352,35 @@ class RayLauncher:
                 problems.append(f"  {spec.label}: its Ray actor failed: {exc}")
         return problems
 
+    def plan_placement(self, specs: Sequence[InstanceSpec], cfg: StackConfig) -> tuple[str, bool]:
+        """The tree per node (its RAM from Ray's resources) with where the HOT instances would go; fits or not.
+
+        Ray decides, as a start would: the HOT set is offered as a placement group, then released.
+        """
+        remote = [s for s in specs if s.kind is not Kind.API and s.tier is Tier.HOT]
+        nodes = self.nodes()
+        requests = {s.key: self.request(cfg, s) for s in remote}
+        try:
+            self._check_declared(cfg, remote, requests, nodes)
+            pins = self._place_group(remote, requests, nodes) if remote else {}
+        except StartupError as exc:
+            return f"✗ {exc}", False
+        lines = [f"Ray cluster: {len(nodes)} node(s), RAM from the {self.resource!r} resource; HOT placement:"]
+        for i, n in enumerate(nodes):
+            last = i == len(nodes) - 1
+            total = n.total.get(self.resource, 0.0)
+            here = [s for s in remote if pins.get(s.key) == n.node_id]
+            used = sum(requests[s.key].get(self.resource, 0.0) for s in here)
+            head = f"node {n.short}: {total:g} GB ({self.resource})"
+            if here:
+                head += f", HOT {used:g} GB, {n.available.get(self.resource, 0.0) - used:g} GB free after"
+            lines.append(("└── " if last else "├── ") + head)
+            items = [f"{s.label}: {_fmt_request(requests[s.key])}" for s in here]
+            lines += _tree(items, "    " if last else "│   ")
+        placed = len([s for s in remote if s.key in pins])
+        lines.append(f"✓ the {placed} HOT instance(s) fit; WARM ones are placed on demand where there is room")
+        return "\n".join(lines), True
+
     def render_nodes(self, nodes: list[NodeInfo] | None = None) -> str:
         """The cluster as a tree: each node's RAM (its memory resource) and the stack's instances on it."""
         nodes = self.nodes() if nodes is None else nodes
@@ -491,6 +520,10 @@ _GONE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.excep
 
 class _Lost(Exception):
     """The actor of an instance, or its node, is gone."""
+
+
+def _tree(items: list[str], indent: str) -> list[str]:
+    return [f"{indent}{'└── ' if i == len(items) - 1 else '├── '}{item}" for i, item in enumerate(items)]
 
 
 def _own(cfg: StackConfig, spec: InstanceSpec) -> dict[str, float]:
