@@ -276,6 +276,18 @@ def test_front_door_routes_to_ray_placed_servers_and_readopts_them(
     assert {n: r.pid for n, r in records(stack).items() if n in pids} == pids
 
 
+def test_a_warm_server_starts_on_demand_on_a_node_with_room(nodes: Nodes, ray_stack: StackOf, tiny_model: Path) -> None:
+    (p, api) = free_ports(2)
+    stack = ray_stack(stack_yaml(nodes, srv("lazy", tiny_model, p, 1.5, tier="warm"), api))
+    stack.start(stack.select())
+    assert "lazy" not in records(stack)  # WARM: nothing runs until asked for
+    resp = chat(api, "lazy")
+    assert resp.status_code == 200 and resp.json()["model"] == "lazy", resp.text
+    rec = records(stack)["lazy"]
+    assert rec.node in (nodes.id_of(nodes.a), nodes.id_of(nodes.b))  # 1.5 GB: never the 1 GB head
+    assert our_actors() == [rec.key]
+
+
 def test_node_loss_replaces_the_hot_instance_and_leaves_no_orphan(
     nodes: Nodes, ray_stack: StackOf, tiny_model: Path
 ) -> None:
