@@ -173,6 +173,11 @@ def test_placement_follows_memory_and_selectors(
     assert "modelfleet: starting alpha" in tail and "listening on " in tail
     assert stack.launcher.rss(recs["alpha"].handle) > 0
     assert len(servers_of(tiny_model)) == 3
+    reloaded = stack_cli(tmp_path, "reload", "gamma")  # a new process, placed again where it fits
+    assert reloaded.returncode == 0, reloaded.stderr
+    again = records(stack)["gamma"]
+    assert again.pid != recs["gamma"].pid and again.node == nodes.id_of(nodes.head)
+    assert len(servers_of(tiny_model)) == 3 and sorted(our_actors()) == sorted(r.key for r in recs.values())
     stopped = stack_cli(tmp_path, "stop", "--all")
     assert stopped.returncode == 0, stopped.stderr
     assert servers_of(tiny_model) == []
