@@ -16,5 +16,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# The Ray extra too: CI runs the tests of `placement: ray` on a local Ray cluster.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,ray]'
 .venv/bin/modelfleet setup

@@ -47,6 +47,7 @@ from modelfleet.fleet import Instance, Lease
 from modelfleet.instance import Handle, Kind
 from modelfleet.lifecycle import State
 from modelfleet.metrics import Metrics
+from modelfleet.placement import launcher_for
 from modelfleet.pool import Pool
 from modelfleet.router import Router
 from modelfleet.spec import BinaryInfo, find_llama_server, probe_binary
@@ -791,10 +792,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config_file(args.config)
         binary: BinaryInfo | None = probe_binary(find_llama_server(cfg)) if cfg.servers else None
+        launcher = launcher_for(cfg)
+        connect = getattr(launcher, "connect", None)
+        if connect is not None:
+            connect()  # a cluster's client joins from the main thread, before the server's loop starts
     except FleetError as exc:
         log.error("%s", exc)
         return exc.exit_code
-    stack = Stack(cfg, args.state_dir, binary, say=log.info, stop_grace_s=cfg.api.stop_grace_s)
+    stack = Stack(cfg, args.state_dir, binary, launcher=launcher, say=log.info, stop_grace_s=cfg.api.stop_grace_s)
     door = create_app(cfg, stack)
     # The socket of a running front door of this stack if there is one (a reload), else our own.
     taken = handover.take(args.state_dir, cfg.api.port)

@@ -34,8 +34,9 @@ from modelfleet.errors import (
     StartupError,
     UsageError,
 )
-from modelfleet.instance import Handle, local_url
+from modelfleet.instance import LOCAL_NODE, Handle, local_url
 from modelfleet.lifecycle import State
+from modelfleet.placement import launcher_for
 from modelfleet.spec import BinaryInfo, find_llama_server, plan_instances, probe_binary
 from modelfleet.stack import Stack, Status, StatusRow
 
@@ -173,6 +174,7 @@ def make_stack(config_path: Path | None, dev: bool, state_dir: Path | None, need
         cfg,
         resolve_state_dir(cfg, state_dir),
         binary,
+        launcher=launcher_for(cfg),
         say=lambda m: err.print(m, markup=False),
         progress=_Progress(),
         binary_error=problem,
@@ -325,6 +327,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _check_memory(stack: Stack, chosen: list[str], ignore: bool) -> None:
     """Before anything starts: the HOT tier, what this start adds and the OS reserve must fit."""
+    if stack.cfg.placement.kind != "local":
+        return  # on a cluster, each node's room is checked by the placement (see `modelfleet plan`)
     plan = memory.build_plan(stack.cfg, starting=chosen, store=memory.MeasurementStore.in_dir(stack.store.dir))
     if plan.fits:
         return
@@ -347,8 +351,28 @@ def plan(config_path: Path | None, dev: bool, state_dir: Path | None, total_gb: 
         out.print_json(data=result.to_json())
     else:
         out.print(memory.render_tree(result), markup=False)
+    if cfg.placement.kind != "local":
+        placed_fits = _plan_placement(cfg, resolve_state_dir(cfg, state_dir), as_json)
+        if not placed_fits:
+            sys.exit(OverBudget.exit_code)
+        return
     if not result.fits:
         sys.exit(OverBudget.exit_code)
+
+
+def _plan_placement(cfg: StackConfig, state_dir: Path, as_json: bool) -> bool:
+    """With `placement: ray`: the tree per node and where the HOT instances would go."""
+    launcher = launcher_for(cfg)
+    plan_placement = getattr(launcher, "plan_placement", None)
+    if plan_placement is None:
+        return True
+    specs = plan_instances(cfg, cfg.components(), state_dir, None)
+    text, fits = plan_placement(specs, cfg)
+    if as_json:
+        err.print(text, markup=False)
+    else:
+        out.print("\n" + text, markup=False)
+    return bool(fits)
 
 
 @cli.command()
@@ -575,16 +599,22 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
         out.print_json(data={"instances": instances, "hooks": [h.to_json() for h in hook_results or []]})
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    cols = ("COMPONENT", "PORT", "PID", "STATUS", "INFLIGHT", "QUEUED", "TIER", "EST", "MEASURED", "MODEL", "ROLES")
+    cols: tuple[str, ...] = ("COMPONENT", "PORT", "PID", "STATUS", "INFLIGHT", "QUEUED", "TIER", "EST", "MEASURED")
+    cols += ("MODEL", "ROLES")
+    placed = any(r.node != LOCAL_NODE for r in rows)  # some run on other nodes (placement: ray)
+    if placed:
+        cols = (*cols[:3], "NODE", *cols[3:])
     for col in cols:
         table.add_column(col, no_wrap=col != "ROLES")
     colors = {"healthy": "green", "loading": "yellow", "stopped": "dim"}
     for r in rows:
         color = colors.get(r.status.value, "red")
+        node = [escape(_node_label(r))] if placed else []
         table.add_row(
             escape(r.name),
             str(r.port),
             str(r.pid or "-"),
+            *node,
             f"[{color}]{r.status.value}[/]" + (f" ({r.routing})" if r.routing not in (None, "ready") else ""),
             "-" if r.in_flight is None else str(r.in_flight),
             "-" if r.queued is None else str(r.queued),
@@ -596,6 +626,13 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
         )
     out.print(table)
     _print_hooks(hook_results or [])
+
+
+def _node_label(r: StatusRow) -> str:
+    """``3f2a9c1d@10.0.0.7`` for an instance on a Ray node, ``local`` for one on this machine."""
+    if r.node == LOCAL_NODE:
+        return "local" if r.pid else "-"
+    return f"{r.node[:8]}@{r.node_address}" if r.node_address else r.node[:8]
 
 
 def _print_hooks(results: list[hooks.HookResult]) -> None:

@@ -185,6 +185,10 @@ class Component(Strict):
     health_timeout_s: Timeout | None = None
     cooldown_s: Annotated[float, Range(0, 600, " seconds")] = 0.0
     ram_gb: Gigabytes | None = None
+    # With `placement: ray`: a Ray resource the node must have (`ray start --resources '{"gpu_box": 1}'`,
+    # or `node:<ip>`), and custom Ray resources each instance holds.
+    node: str | None = Field(default=None, min_length=1, max_length=256)
+    resources: dict[str, Annotated[float, Range(0, MAX_COUNT)]] = Field(default_factory=dict)
 
     @field_validator("host")
     @classmethod
@@ -443,6 +447,19 @@ MANAGED_FLAGS = frozenset(
 )
 
 
+class PlacementConfig(Strict):
+    """Where instances run: this machine, or the nodes of a Ray cluster (``modelfleet[ray]``)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str = Field(default="auto", min_length=1, max_length=1024)  # auto | host:port | ray://host:10001
+    namespace: Name | None = None  # default: modelfleet-<stack name>
+    memory_resource: Name = "ram_gb"  # the custom resource each node declares its RAM in, in GB
+    place_timeout_s: Timeout = 10.0  # how long Ray may take to find room before a start is refused
+
+    def effective_namespace(self, stack_name: str | None) -> str:
+        return self.namespace or f"modelfleet-{stack_name or 'default'}"
+
+
 class StackConfig(Strict):
     """A whole stack file."""
 
@@ -461,6 +478,7 @@ class StackConfig(Strict):
     start: StartConfig = Field(default_factory=StartConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     logs: LogsConfig = Field(default_factory=LogsConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
     hooks: list[HookConfig] | None = None  # None: warm up the embedders, if any; [] = no hooks
 
     # Where the file was read from; relative paths resolve against its folder.

@@ -108,6 +108,8 @@ class Handle:
     create_time: float
     log_file: str = ""
     label: str = ""
+    ref: str = ""  # the launcher's own name for it (a Ray actor's name); empty for a local process
+    address: str = ""  # the node's address, when it is not this machine
 
 
 IDENTITY_FIELDS = frozenset(f.name for f in dataclasses.fields(Identity))

@@ -105,8 +105,11 @@ class LocalLauncher:
 
     node = LOCAL_NODE
 
-    def __init__(self) -> None:
+    def __init__(self, die_with_parent: bool = False) -> None:
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # started by this process: reaped here
+        # A node agent (the Ray launcher's actor) asks for its children to be killed when it dies,
+        # so a lost agent never leaves a server running unmanaged (Linux's PR_SET_PDEATHSIG).
+        self._preexec = _die_with_parent if die_with_parent else None
 
     # --- processes ---------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class LocalLauncher:
                     env=env,
                     start_new_session=True,  # own process group: stop signals the whole group
                     close_fds=True,
+                    preexec_fn=self._preexec,
                 )
             except (OSError, ValueError) as exc:
                 why = getattr(exc, "strerror", None) or exc
@@ -285,6 +289,17 @@ class LocalLauncher:
 
     def total_bytes(self) -> int:
         return int(psutil.virtual_memory().total)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the thread that spawned it ends (Linux only)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def read_tail(path: str | Path | None, max_bytes: int = LOG_TAIL_BYTES) -> str:

@@ -63,6 +63,7 @@ class StatusRow(Identity):
     detail: str | None = None  # the front door's reason for that state
     estimate_bytes: int | None = None  # memory estimate of one instance (from GGUF metadata or ram_gb)
     measured_bytes: int | None = None  # memory measured once it was ready (RSS or reported buffers)
+    node_address: str | None = None  # the address of the node it runs on, when that is not this machine
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -182,6 +183,9 @@ class Stack:
                     self.say(f"cooling down {cooldown_s:g} s after {batch[0].name}")
                     time.sleep(cooldown_s)
         except BaseException:
+            discard = getattr(self.launcher, "discard_placed", None)
+            if discard is not None:
+                discard()  # places found for instances that did not start
             if started:
                 self.say("start failed; stopping the instances this command started")
                 self._stop_records(started)
@@ -190,6 +194,16 @@ class Stack:
 
     def _preflight(self, specs: list[InstanceSpec], records: dict[str, InstanceRecord]) -> None:
         """Refuse before starting anything: missing files, ports taken by other processes."""
+        place = getattr(self.launcher, "place", None)
+        if place is not None and specs:
+            # A launcher that places instances on other nodes checks files and ports there.
+            if any(s.kind is Kind.LLAMA_SERVER for s in specs) and self.binary is None:
+                raise self.binary_error or StartupError("no llama-server binary is known; run `modelfleet setup`")
+            place(specs, self.cfg)
+            stale = [s.key for s in specs if s.key in records]
+            if stale:
+                self.store.remove(stale)
+            return
         missing = [f"  {key}: {path}" for s in specs for key, path in s.required_files if not Path(path).is_file()]
         missing += [
             f"  services.{s.component}.command: program {s.argv[0]!r} was not found"
@@ -222,7 +236,7 @@ class Stack:
     def _spawn_and_record(self, spec: InstanceSpec) -> InstanceRecord:
         handle = self.launcher.spawn(spec)
         rec = InstanceRecord.extend(
-            spec,
+            dataclasses.replace(spec, node=handle.node),
             pid=handle.pid,
             started_at=now_iso(),
             log_file=spec.log_file,
@@ -230,7 +244,7 @@ class Stack:
             create_time=handle.create_time,
             argv=spec.argv,
             health_path=spec.health_path,
-            extra={ENV_DIGEST: env_digest(spec.env)},
+            extra={ENV_DIGEST: env_digest(spec.env)} | ({"node_address": handle.address} if handle.address else {}),
         )
         # Record at once, so a crash of this command leaves nothing the state file doesn't know.
         self.store.put(rec)
@@ -304,6 +318,9 @@ class Stack:
                 self.launcher.stop([r.handle for r in batch], self.stop_grace_s, self.say)
                 for rec in batch:
                     self.say(f"{rec.name} (pid {rec.pid}, :{rec.port}) stopped")
+        release = getattr(self.launcher, "release", None)
+        if release is not None and records:
+            release([r.handle for r in records])  # a remote launcher's agents of the dead ones too
         if records:
             self.store.remove([r.key for r in records])
 
@@ -434,6 +451,7 @@ class Stack:
                     log_file=rec.log_file,
                     estimate_bytes=estimate,
                     measured_bytes=measured,
+                    node_address=rec.handle.address or None,
                 )
             )
         if include_stopped:

@@ -26,7 +26,7 @@ from typing import Any
 from modelfleet.config import Tier
 from modelfleet.errors import StateError
 from modelfleet.fileutil import file_lock, write_atomic
-from modelfleet.instance import IDENTITY_FIELDS, Handle, Identity, Kind
+from modelfleet.instance import IDENTITY_FIELDS, LOCAL_NODE, Handle, Identity, Kind
 
 STATE_FILE = "orchestrator_state.json"
 LOCK_FILE = "state.lock"
@@ -49,7 +49,10 @@ class InstanceRecord(Identity):
 
     @property
     def handle(self) -> Handle:
-        return Handle(self.node, self.pid, self.create_time, self.log_file, self.label)
+        address = self.extra.get("node_address")
+        where = address if isinstance(address, str) else ""
+        ref = self.key if self.node != LOCAL_NODE else ""  # a remote launcher names the process by its key
+        return Handle(self.node, self.pid, self.create_time, self.log_file, self.label, ref, where)
 
     @property
     def role(self) -> str:

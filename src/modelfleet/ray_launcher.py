@@ -1,0 +1,564 @@
+"""Instances on the nodes of a Ray cluster: ``placement: {kind: ray}`` (``pip install 'modelfleet[ray]'``).
+
+Ray is only the control plane. Each instance gets one detached, named actor
+(:class:`NodeKeeper`, ``num_cpus=0``, named by the instance's state key in the stack's
+namespace) on a node with room for it: the actor asks for the instance's memory
+estimate as the custom resource the nodes declare their RAM in (``ram_gb`` by default,
+``ray start --resources '{"ram_gb": 64}'``), plus the component's ``resources:`` and the
+resource its ``node:`` names. The actor spawns the process there through a
+:class:`~modelfleet.launcher.LocalLauncher` (own process group, killed by the kernel if
+the actor dies: ``PR_SET_PDEATHSIG``), records it in the node's pid file, and answers
+for it: alive, exit code, RSS, log tail, stop. Requests go straight to the instance
+over HTTP; the front door routes to it like to any other.
+
+:meth:`RayLauncher.place` runs before anything starts: the HOT instances are placed
+together as one placement group (so a HOT set that does not fit is refused whole, with
+the nodes' resources), then one actor per instance is created where Ray put it, and
+each actor checks its node for the model files, the program and the port.
+
+The front door itself (the ``orchestrator`` component) always runs on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from modelfleet import memory
+from modelfleet.config import LogsConfig, StackConfig, Tier
+from modelfleet.errors import StartupError
+from modelfleet.instance import LOCAL_NODE, Handle, Kind, instance_key
+from modelfleet.launcher import KILL_WAIT_S, LOG_TAIL_BYTES, LocalLauncher, Say
+from modelfleet.spec import InstanceSpec
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 10.0  # one question to an actor; no answer in time counts as a lost node
+NAME_FREE_TIMEOUT_S = 15.0  # a killed actor's name is free again within this
+ACTOR_START_S = 60.0  # a node's new worker process (Python, Ray, this package) starts within this
+MIN_RESOURCE = 0.001  # what asking for a selector resource takes of it
+
+
+def _pid_dir(namespace: str) -> Path:
+    """The node-local folder of pid files: one per instance, read by the next actor of that name."""
+    return Path(tempfile.gettempdir()) / f"modelfleet-ray-{os.getuid()}" / namespace
+
+
+class NodeKeeper:
+    """Runs on a node, as a Ray actor: one instance's process, from spawn to stop."""
+
+    def __init__(self, name: str, namespace: str) -> None:
+        self.local = LocalLauncher(die_with_parent=True)
+        self.handle: Handle | None = None
+        self.pidfile = _pid_dir(namespace) / f"{name}.json"
+        self.killed_leftover = self._kill_leftover()
+
+    def _kill_leftover(self) -> int | None:
+        """A process an earlier actor of this name started and did not stop: kill it before anything else."""
+        try:
+            data = json.loads(self.pidfile.read_text())
+            old = Handle(LOCAL_NODE, int(data["pid"]), float(data["create_time"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        pid = None
+        if self.local.alive(old):
+            self.local.stop([old], KILL_WAIT_S, lambda _: None)
+            pid = old.pid
+        self.pidfile.unlink(missing_ok=True)
+        return pid
+
+    def node(self) -> dict[str, Any]:
+        ctx = ray.get_runtime_context()
+        address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        return {"node_id": ctx.get_node_id(), "address": address, "leftover": self.killed_leftover}
+
+    def check(self, spec: InstanceSpec) -> list[str]:
+        """What is missing on this node for ``spec`` to start: files, the program, the port."""
+        where = f"node {self.node()['address']}"
+        files = spec.required_files
+        problems = [f"  {key}: {path} does not exist on {where}" for key, path in files if not Path(path).is_file()]
+        if spec.argv and not self.local.program_exists(spec.argv[0], spec.cwd):
+            problems.append(f"  {spec.label}: program {spec.argv[0]!r} was not found on {where}")
+        taken = self.local.port_conflict(spec.host, spec.port)
+        if taken:
+            problems.append(f"{taken} (on {where})")
+        return problems
+
+    def spawn(self, spec: InstanceSpec, logs_cfg: LogsConfig) -> dict[str, Any]:
+        self.local.rotate_logs([spec.log_file], logs_cfg)
+        self.handle = self.local.spawn(spec)
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.pidfile.write_text(json.dumps({"pid": self.handle.pid, "create_time": self.handle.create_time}))
+        return self.node() | {"pid": self.handle.pid, "create_time": self.handle.create_time}
+
+    def _mine(self, pid: int, create_time: float) -> Handle | None:
+        h = self.handle
+        if h is None or h.pid != pid or abs(h.create_time - create_time) > 0.05:
+            return None
+        return h
+
+    def alive(self, pid: int, create_time: float) -> bool:
+        h = self._mine(pid, create_time)
+        return h is not None and self.local.alive(h)
+
+    def exit_code(self, pid: int, create_time: float) -> int | None:
+        h = self._mine(pid, create_time)
+        return -1 if h is None else self.local.exit_code(h)
+
+    def stop(self, grace_s: float) -> list[str]:
+        said: list[str] = []
+        if self.handle is not None:
+            self.local.stop([self.handle], grace_s, said.append)
+        self.pidfile.unlink(missing_ok=True)
+        return said
+
+    def rss(self) -> int:
+        if self.handle is None:
+            raise StartupError("nothing runs here")
+        return self.local.rss(self.handle)
+
+    def read_log(self, max_bytes: int) -> str:
+        return self.local.read_log(self.handle, max_bytes) if self.handle is not None else ""
+
+    def matches(self, port: int, argv: Sequence[str]) -> dict[str, Any] | None:
+        found = self.local.find(port, argv)
+        return None if found is None else self.node() | {"pid": found.pid, "create_time": found.create_time}
+
+
+FOLLOW_WINDOW = 65536
+
+
+def _after(seen: str, now: str) -> str:
+    """What ``now`` (a log's tail) has beyond ``seen`` (an earlier tail of the same log)."""
+    if not seen or now == seen:
+        return "" if now == seen else now
+    anchor = seen[-1024:]
+    at = now.rfind(anchor)
+    return now[at + len(anchor) :] if at >= 0 else now  # rotated or jumped past the window: all of it
+
+
+_Keeper = ray.remote(num_cpus=0, max_restarts=0)(NodeKeeper)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node of the cluster as the plan shows it."""
+
+    node_id: str
+    address: str
+    total: dict[str, float]
+    available: dict[str, float]
+
+    @property
+    def short(self) -> str:
+        return f"{self.node_id[:8]} ({self.address})"
+
+
+class RayLauncher:
+    """The :class:`~modelfleet.launcher.Launcher` for ``placement: ray``; local handles go to a LocalLauncher."""
+
+    node = "ray"
+
+    def __init__(self, cfg: StackConfig) -> None:
+        self.placement = cfg.placement
+        self.namespace = cfg.placement.effective_namespace(cfg.name)
+        self.resource = cfg.placement.memory_resource
+        self.local = LocalLauncher()
+        self._placed: dict[str, Any] = {}  # state key -> the actor place() created for it
+        self._logs = cfg.logs
+
+    # --- the cluster ------------------------------------------------------------------
+
+    def connect(self) -> None:
+        if ray.is_initialized():
+            return
+        address = self.placement.address
+        try:
+            ray.init(
+                address=address,
+                namespace=self.namespace,
+                ignore_reinit_error=True,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                configure_logging=False,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise StartupError(
+                f"placement.address: cannot reach a Ray cluster at {address!r} ({exc}). Start one with "
+                "`ray start --head` (and `ray start --address HEAD:6379` on the other machines), "
+                "or set placement.address"
+            ) from exc
+
+    def nodes(self) -> list[NodeInfo]:
+        self.connect()
+        avail: dict[str, dict[str, float]] = {}
+        with contextlib.suppress(Exception):
+            avail = ray._private.state.available_resources_per_node()  # type: ignore[no-untyped-call]
+        return [
+            NodeInfo(n["NodeID"], n["NodeManagerAddress"], dict(n["Resources"]), dict(avail.get(n["NodeID"], {})))
+            for n in ray.nodes()  # type: ignore[no-untyped-call]
+            if n.get("Alive")
+        ]
+
+    def _actor(self, handle: Handle) -> Any | None:
+        self.connect()
+        try:
+            return ray.get_actor(handle.ref, namespace=self.namespace)
+        except ValueError:
+            return None
+
+    def _ask(self, handle: Handle, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
+        """Call the instance's actor; raise _Lost when it (or its node) is gone."""
+        actor = self._actor(handle)
+        if actor is None:
+            raise _Lost(f"{handle.label or handle.ref}: no actor {handle.ref!r} in namespace {self.namespace}")
+        try:
+            return ray.get(getattr(actor, method).remote(*args), timeout=timeout)
+        except _GONE as exc:
+            raise _Lost(f"{handle.label or handle.ref}: its node does not answer ({type(exc).__name__})") from exc
+
+    # --- placement ------------------------------------------------------------------------
+
+    def request(self, cfg: StackConfig, spec: InstanceSpec) -> dict[str, float]:
+        """The Ray resources one instance holds: its memory estimate, its resources, its node selector."""
+        comp = cfg.components().get(spec.component)
+        est = memory.estimate_bytes(cfg, spec.component)
+        out: dict[str, float] = {}
+        if est:
+            out[self.resource] = math.ceil(est / memory.GB * 1000) / 1000
+        if comp is not None:
+            out |= comp.resources
+            if comp.node:
+                out[comp.node] = max(out.get(comp.node, 0.0), MIN_RESOURCE)
+        return {k: v for k, v in out.items() if v > 0}
+
+    def place(self, specs: Sequence[InstanceSpec], cfg: StackConfig) -> None:
+        """Find a node for each instance and check it there; raise StartupError, nothing started, if any can't."""
+        remote = [s for s in specs if s.kind is not Kind.API]
+        if not remote:
+            return
+        nodes = self.nodes()
+        requests = {s.key: self.request(cfg, s) for s in remote}
+        self._check_declared(cfg, remote, requests, nodes)
+        hot = [s for s in remote if s.tier is Tier.HOT]
+        pins = self._place_group(hot, requests, nodes) if hot else {}
+        created: list[Any] = []
+        try:
+            for spec in remote:
+                self._release(spec.key)
+                actor = self._create(spec, requests[spec.key], pins.get(spec.key))
+                created.append(actor)
+                self._placed[spec.key] = actor
+            problems = self._check_nodes(remote, requests, nodes)
+            if problems:
+                raise StartupError(
+                    f"{len(problems)} problem(s) on the Ray nodes; nothing was started:\n" + "\n".join(problems)
+                )
+        except BaseException:
+            for spec in remote:
+                self._placed.pop(spec.key, None)
+            for actor in created:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+            raise
+
+    def _check_declared(
+        self,
+        cfg: StackConfig,
+        specs: Sequence[InstanceSpec],
+        requests: dict[str, dict[str, float]],
+        nodes: list[NodeInfo],
+    ) -> None:
+        problems = []
+        for spec in specs:
+            for name, amount in requests[spec.key].items():
+                if not any(n.total.get(name, 0.0) >= amount for n in nodes):
+                    key = f"{'servers' if spec.kind is Kind.LLAMA_SERVER else 'services'}.{spec.component}"
+                    what = "memory estimate" if name == self.resource and name not in _own(cfg, spec) else "request"
+                    problems.append(f"  {key}: no node has {amount:g} {name} (its {what})")
+        if problems:
+            raise StartupError(
+                "the Ray cluster cannot hold these instances; nothing was started:\n"
+                + "\n".join(problems)
+                + "\n"
+                + self.render_nodes(nodes)
+                + f"\ndeclare each node's RAM with `ray start --resources '{{\"{self.resource}\": GB}}'`"
+            )
+
+    def _place_group(
+        self, hot: Sequence[InstanceSpec], requests: dict[str, dict[str, float]], nodes: list[NodeInfo]
+    ) -> dict[str, str]:
+        """Place the HOT set as one placement group: where Ray puts each bundle, or a refusal."""
+        # A bundle may not be empty: an instance of unknown size takes a token of the memory resource.
+        bundles = [requests[s.key] or {self.resource: MIN_RESOURCE} for s in hot]
+        pg = placement_group(bundles, strategy="PACK")
+        try:
+            if not pg.wait(self.placement.place_timeout_s):
+                lines = [f"  {s.label}: {_fmt_request(requests[s.key])}" for s in hot]
+                raise StartupError(
+                    "the HOT instances do not fit on the Ray cluster together; nothing was started:\n"
+                    + "\n".join(lines)
+                    + "\n"
+                    + self.render_nodes(nodes)
+                )
+            table = placement_group_table(pg).get("bundles_to_node_id", {})
+            return {s.key: table[i] for i, s in enumerate(hot) if table.get(i)}
+        finally:
+            remove_placement_group(pg)
+
+    def _release(self, key: str) -> None:
+        """Kill an earlier actor of this instance (its process is dead or stale) and wait for its name."""
+        self._placed.pop(key, None)
+        h = Handle("ray", 0, 0.0, ref=key)
+        actor = self._actor(h)
+        if actor is None:
+            return
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
+        deadline = time.monotonic() + NAME_FREE_TIMEOUT_S
+        while self._actor(h) is not None:
+            if time.monotonic() > deadline:
+                raise StartupError(f"Ray actor {key!r} does not go away; check `ray list actors`")
+            time.sleep(0.1)
+
+    def _create(self, spec: InstanceSpec, request: dict[str, float], node_id: str | None) -> Any:
+        options: dict[str, Any] = {
+            "name": spec.key,
+            "namespace": self.namespace,
+            "lifetime": "detached",
+            "resources": request,
+        }
+        if node_id:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        return _Keeper.options(**options).remote(spec.key, self.namespace)
+
+    def _check_nodes(
+        self, specs: Sequence[InstanceSpec], requests: dict[str, dict[str, float]], nodes: list[NodeInfo]
+    ) -> list[str]:
+        refs = {s.key: self._placed[s.key].check.remote(s) for s in specs}
+        problems: list[str] = []
+        # Room is found within place_timeout_s; a new actor's worker process takes a while to start besides.
+        deadline = time.monotonic() + self.placement.place_timeout_s + ACTOR_START_S
+        for spec in specs:
+            try:
+                problems += ray.get(refs[spec.key], timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                problems.append(
+                    f"  {spec.label}: no node has room for {_fmt_request(requests[spec.key])} now "
+                    f"(waited {self.placement.place_timeout_s:g} s)\n" + self.render_nodes(nodes)
+                )
+            except ray.exceptions.RayError as exc:
+                problems.append(f"  {spec.label}: its Ray actor failed: {exc}")
+        return problems
+
+    def plan_placement(self, specs: Sequence[InstanceSpec], cfg: StackConfig) -> tuple[str, bool]:
+        """The tree per node (its RAM from Ray's resources) with where the HOT instances would go; fits or not.
+
+        Ray decides, as a start would: the HOT set is offered as a placement group, then released.
+        """
+        remote = [s for s in specs if s.kind is not Kind.API and s.tier is Tier.HOT]
+        nodes = self.nodes()
+        requests = {s.key: self.request(cfg, s) for s in remote}
+        try:
+            self._check_declared(cfg, remote, requests, nodes)
+            pins = self._place_group(remote, requests, nodes) if remote else {}
+        except StartupError as exc:
+            return f"✗ {exc}", False
+        lines = [f"Ray cluster: {len(nodes)} node(s), RAM from the {self.resource!r} resource; HOT placement:"]
+        for i, n in enumerate(nodes):
+            last = i == len(nodes) - 1
+            total = n.total.get(self.resource, 0.0)
+            here = [s for s in remote if pins.get(s.key) == n.node_id]
+            used = sum(requests[s.key].get(self.resource, 0.0) for s in here)
+            head = f"node {n.short}: {total:g} GB ({self.resource})"
+            if here:
+                head += f", HOT {used:g} GB, {n.available.get(self.resource, 0.0) - used:g} GB free after"
+            lines.append(("└── " if last else "├── ") + head)
+            items = [f"{s.label}: {_fmt_request(requests[s.key])}" for s in here]
+            lines += _tree(items, "    " if last else "│   ")
+        placed = len([s for s in remote if s.key in pins])
+        lines.append(f"✓ the {placed} HOT instance(s) fit; WARM ones are placed on demand where there is room")
+        return "\n".join(lines), True
+
+    def render_nodes(self, nodes: list[NodeInfo] | None = None) -> str:
+        """The cluster as a tree: each node's RAM (its memory resource) and the stack's instances on it."""
+        nodes = self.nodes() if nodes is None else nodes
+        lines = [f"Ray cluster: {len(nodes)} node(s), RAM from the {self.resource!r} resource"]
+        for i, n in enumerate(nodes):
+            last = i == len(nodes) - 1
+            total = n.total.get(self.resource)
+            free = n.available.get(self.resource, 0.0)
+            ram = f"{total:g} GB, {free:g} GB free" if total is not None else f"no {self.resource!r} resource"
+            extra = sorted(k for k in n.total if not _builtin_resource(k) and k != self.resource)
+            more = f"; resources: {', '.join(extra)}" if extra else ""
+            lines.append(f"{'└── ' if last else '├── '}node {n.short}: {ram}{more}")
+        return "\n".join(lines)
+
+    # --- the Launcher protocol ------------------------------------------------------------
+
+    def spawn(self, spec: InstanceSpec) -> Handle:
+        if spec.kind is Kind.API:
+            return self.local.spawn(spec)
+        actor = self._placed.pop(spec.key, None)
+        if actor is None:
+            raise StartupError(f"{spec.label}: not placed on a Ray node (place() was not called)")
+        try:
+            info = ray.get(actor.spawn.remote(spec, self._logs), timeout=CALL_TIMEOUT_S + spec.health_timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+            raise StartupError(f"{spec.label}: {exc.cause if exc.cause else exc}") from exc
+        except ray.exceptions.RayError as exc:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+            raise StartupError(f"{spec.label}: its Ray actor failed: {exc}") from exc
+        node, address = info["node_id"], info["address"]
+        return Handle(node, info["pid"], info["create_time"], spec.log_file, spec.label, spec.key, address)
+
+    def alive(self, handle: Handle) -> bool:
+        if not handle.ref:
+            return self.local.alive(handle)
+        try:
+            return bool(self._ask(handle, "alive", handle.pid, handle.create_time))
+        except _Lost:
+            return False
+
+    def exit_code(self, handle: Handle) -> int | None:
+        if not handle.ref:
+            return self.local.exit_code(handle)
+        try:
+            code = self._ask(handle, "exit_code", handle.pid, handle.create_time)
+            return None if code is None else int(code)
+        except _Lost:
+            return -1
+
+    def describe_gone(self, handle: Handle) -> str:
+        return self.local.describe_gone(handle) if not handle.ref else "dead"
+
+    def stop(self, handles: Sequence[Handle], grace_s: float, say: Say) -> None:
+        local = [h for h in handles if not h.ref]
+        if local:
+            self.local.stop(local, grace_s, say)
+        remote = [(h, a) for h in handles if h.ref and (a := self._actor(h)) is not None]
+        refs = [(h, a, a.stop.remote(grace_s)) for h, a in remote]
+        for h, actor, ref in refs:
+            try:
+                for line in ray.get(ref, timeout=grace_s + KILL_WAIT_S + CALL_TIMEOUT_S):
+                    say(line)
+            except ray.exceptions.RayError as exc:
+                say(f"{h.label or h.ref}: its node did not answer the stop ({type(exc).__name__}); its actor is killed")
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+
+    def discard_placed(self) -> None:
+        """Kill the actors placed for instances a failed start never spawned."""
+        for actor in self._placed.values():
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        self._placed.clear()
+
+    def release(self, handles: Sequence[Handle]) -> None:
+        """Kill the actors of instances that are forgotten (stopped or found dead): they hold node resources."""
+        for h in handles:
+            if h.ref and (actor := self._actor(h)) is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+
+    def rss(self, handle: Handle) -> int:
+        if not handle.ref:
+            return self.local.rss(handle)
+        try:
+            return int(self._ask(handle, "rss"))
+        except _Lost as exc:
+            raise StartupError(str(exc)) from exc
+        except ray.exceptions.RayTaskError as exc:
+            raise StartupError(f"{handle.label}: cannot measure it: {exc.cause}") from exc
+
+    def read_log(self, handle: Handle, max_bytes: int = LOG_TAIL_BYTES) -> str:
+        if not handle.ref:
+            return self.local.read_log(handle, max_bytes)
+        try:
+            return str(self._ask(handle, "read_log", max_bytes))
+        except _Lost:
+            return ""
+
+    def follow_log(self, handle: Handle, poll_s: float = 0.25) -> Iterator[str]:
+        """``tail -f`` through the instance's actor: its log's tail, polled, less what was already seen."""
+        if not handle.ref:
+            yield from self.local.follow_log(handle, poll_s)
+            return
+        seen = self.read_log(handle, FOLLOW_WINDOW)
+        while True:
+            now = self.read_log(handle, FOLLOW_WINDOW)
+            yield _after(seen, now)
+            if now == seen:
+                time.sleep(poll_s)
+            seen = now
+
+    def rotate_logs(self, paths: Sequence[str], cfg: LogsConfig) -> list[str]:
+        # Logs of Ray-placed instances are rotated by their actor, on their node, before each spawn.
+        return self.local.rotate_logs([p for p in paths if Path(p).parent.is_dir()], cfg)
+
+    def port_conflict(self, host: str, port: int) -> str | None:
+        return self.local.port_conflict(host, port)
+
+    def program_exists(self, program: str, cwd: str | None) -> bool:
+        return self.local.program_exists(program, cwd)
+
+    def available_bytes(self) -> int:
+        """The most memory one node can give a new instance now (its free memory resource)."""
+        free = [n.available.get(self.resource, 0.0) for n in self.nodes()]
+        return int(max(free, default=0.0) * memory.GB)
+
+    def total_bytes(self) -> int:
+        return int(sum(n.total.get(self.resource, 0.0) for n in self.nodes()) * memory.GB)
+
+    def find(self, port: int, argv: Sequence[str]) -> Handle | None:
+        local = self.local.find(port, argv)
+        if local is not None:
+            return local
+        key = instance_key(port)
+        try:
+            info = self._ask(Handle("ray", 0, 0.0, ref=key), "matches", port, list(argv))
+        except _Lost:
+            return None
+        if info is None:
+            return None
+        return Handle(info["node_id"], info["pid"], info["create_time"], "", key, key, info["address"])
+
+
+_GONE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError)
+
+
+class _Lost(Exception):
+    """The actor of an instance, or its node, is gone."""
+
+
+def _tree(items: list[str], indent: str) -> list[str]:
+    return [f"{indent}{'└── ' if i == len(items) - 1 else '├── '}{item}" for i, item in enumerate(items)]
+
+
+def _own(cfg: StackConfig, spec: InstanceSpec) -> dict[str, float]:
+    comp = cfg.components().get(spec.component)
+    return dict(comp.resources) if comp is not None else {}
+
+
+def _builtin_resource(name: str) -> bool:
+    return name in ("CPU", "GPU", "memory", "object_store_memory") or name.startswith("node:")
+
+
+def _fmt_request(req: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(req.items())) or "nothing"
