@@ -333,6 +333,8 @@ def _placed(path: str, value: str) -> str:
                 return f"{head}, ports: [{value}]}}\n"
             if key == "port":
                 return f"{head}, port: {value}}}\n"
+            if key == "resources":  # a mapping of names to numbers: each value has the range
+                return f"{head}, port: 8080, resources: {{x: {value}}}}}\n"
             return f"{head}, port: 8080, {key}: {value}}}\n"
     if path.startswith("hooks[0]."):
         return f"hooks:\n  - {{name: h, builtin: embed_warmup, {path.removeprefix('hooks[0].')}: {value}}}\n"
@@ -379,7 +381,7 @@ def test_every_number_out_of_range_is_refused_with_the_range(path: str, value: s
     with pytest.raises(ConfigError) as info:
         load_config(text, SOURCE)
     msg = str(info.value)
-    where = path.replace(".ports", ".ports[0]") + ":"
+    where = path.replace(".ports", ".ports[0]").replace(".resources", ".resources.x") + ":"
     line = next((ln.strip() for ln in msg.splitlines() if ln.strip().startswith(where)), None)
     assert line is not None, (text, msg)
     assert expected in line, (text, line)
