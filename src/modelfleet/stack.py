@@ -17,7 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from modelfleet import health, memory
+from modelfleet import health, memory, warmkv
 from modelfleet.config import API_COMPONENT, StackConfig, Tier
 from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
 from modelfleet.fileutil import now_iso
@@ -278,6 +278,8 @@ class Stack:
                         self.say(f"  nothing on :{port} runs its recorded command; check `ps` if it still runs")
                 if salvage.unreadable:
                     self.store.remove(list(salvage.unreadable))
+                if warmkv.clean(sorted((self.store.dir / "slots").glob("*"))):
+                    self.say("removed the KV caches saved at WARM stops")
                 return stopped
             records = self.store.read()
             wanted = list(names)
