@@ -360,6 +360,8 @@ def _merge_front_door_view(stack: Stack, rows: list[StatusRow]) -> list[StatusRo
                     routing=state.value,
                     detail=str(inst.get("detail") or "") or None,
                     status=Status.FAILED if state is State.FAILED else row.status,
+                    prompt_evaluated=int(inst.get("prompt_evaluated", 0)),
+                    prompt_cached=int(inst.get("prompt_cached", 0)),
                 )
             except (KeyError, ValueError, TypeError):
                 pass
@@ -507,7 +509,8 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
         out.print_json(data={"instances": instances, "hooks": [h.to_json() for h in hook_results or []]})
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    cols = ("COMPONENT", "PORT", "PID", "STATUS", "INFLIGHT", "QUEUED", "TIER", "EST", "MEASURED", "MODEL", "ROLES")
+    cols = ["COMPONENT", "PORT", "PID", "STATUS", "INFLIGHT", "QUEUED", "CACHED", "TIER", "EST", "MEASURED", "MODEL"]
+    cols.append("ROLES")
     for col in cols:
         table.add_column(col, no_wrap=col != "ROLES")
     colors = {"healthy": "green", "loading": "yellow", "stopped": "dim"}
@@ -520,6 +523,7 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
             f"[{color}]{r.status.value}[/]" + (f" ({r.routing})" if r.routing not in (None, "ready") else ""),
             "-" if r.in_flight is None else str(r.in_flight),
             "-" if r.queued is None else str(r.queued),
+            _cached(r),
             r.tier.value,
             "-" if r.estimate_bytes is None else memory.fmt_bytes(r.estimate_bytes),
             "-" if r.measured_bytes is None else memory.fmt_bytes(r.measured_bytes),
@@ -528,6 +532,14 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
         )
     out.print(table)
     _print_hooks(hook_results or [])
+
+
+def _cached(r: StatusRow) -> str:
+    """Share of prompt tokens served from the KV cache, of all prompt tokens: ``93% of 12400``."""
+    total = (r.prompt_evaluated or 0) + (r.prompt_cached or 0)
+    if r.prompt_evaluated is None or not total:
+        return "-"
+    return f"{100 * (r.prompt_cached or 0) // total}% of {total}"
 
 
 def _print_hooks(results: list[hooks.HookResult]) -> None:

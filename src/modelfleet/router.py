@@ -211,12 +211,20 @@ class Router:
                     "queued": queued[id(b)],
                     "idle_s": round(now - b.last_used, 1),
                     "restarts": self.counters.restarts.get(b.name, 0),
+                    "prompt_evaluated": sum(n for (_, i), n in self.counters.prompt_evaluated.items() if i == b.name),
+                    "prompt_cached": sum(n for (_, i), n in self.counters.prompt_cached.items() if i == b.name),
                     "detail": b.detail,
                 }
                 for b in self.fleet
             ],
             "pools": {
-                role: {"ready": len(p.ready), "in_flight": p.in_flight, "queued": len(p.waiting)}
+                role: {
+                    "ready": len(p.ready),
+                    "in_flight": p.in_flight,
+                    "queued": len(p.waiting),
+                    "routing": "prefix" if p.affinity is not None else "least_busy",
+                }
                 for role, p in self.pools.items()
             },
+            "affinity": self.affinity.stats(),
         }

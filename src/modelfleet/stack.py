@@ -61,6 +61,8 @@ class StatusRow(Identity):
     detail: str | None = None  # the front door's reason for that state
     estimate_bytes: int | None = None  # memory estimate of one instance (from GGUF metadata or ram_gb)
     measured_bytes: int | None = None  # memory measured once it was ready (RSS or reported buffers)
+    prompt_evaluated: int | None = None  # prompt tokens the instance evaluated (front door, from timings)
+    prompt_cached: int | None = None  # prompt tokens it served from its KV cache
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

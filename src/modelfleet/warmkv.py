@@ -7,7 +7,8 @@ asks llama-server to write each slot (``POST /slots/{id}?action=save``) as
 under. When the instance starts again, before it takes traffic, :func:`restore` loads
 each file back (``action=restore``) if the command line is the same, and then checks
 that the cache is really used: it replays the saved tokens (read from the file's header,
-llama.cpp's ``ggsq`` sequence-state format) pinned to that slot and requires
+llama.cpp's ``ggsq`` sequence-state format, whose token array newer servers use for
+their own packed state) pinned to that slot and requires
 ``timings.cache_n > 0`` (some builds restore silently without effect).
 
 Disk use is bounded per server (``worker_pool.kv_keep_mb``; the oldest files go first)
@@ -33,7 +34,8 @@ log = logging.getLogger("modelfleet.warmkv")
 PREFIX = "warm-"
 META = "warm.json"
 SEQ_MAGIC = 0x67677371  # 'ggsq', LLAMA_STATE_SEQ_MAGIC
-MAX_VERIFY_TOKENS = 1 << 20
+MAX_VERIFY_TOKENS = 1 << 24
+TOKEN_NULL = -1  # LLAMA_TOKEN_NULL: first of a server_tokens state (tools/server/server-common.cpp)
 
 
 @dataclass
@@ -130,7 +132,13 @@ def saved_tokens(path: Path) -> list[int] | None:
         return None
     if len(body) < 4 * n:
         return None
-    return list(struct.unpack(f"<{n}i", body))
+    tokens = list(struct.unpack(f"<{n}i", body))
+    if tokens[:1] == [TOKEN_NULL]:
+        # Newer servers pack their own state in the token array: -1, version, count, tokens, media...
+        if len(tokens) < 3 or tokens[2] < 0 or 3 + tokens[2] > len(tokens):
+            return None
+        tokens = tokens[3 : 3 + tokens[2]]
+    return tokens
 
 
 def pending(slot_dir: Path | None) -> bool:
