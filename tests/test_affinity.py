@@ -185,3 +185,31 @@ def test_routing_names_only_roles_and_known_policies() -> None:
         load_config(POOL + "routing: {ghost: prefix}\n")
     with pytest.raises(ConfigError, match=r"api\.session_header"):
         load_config(POOL.replace("queue_max: 8", "session_header: 'X Session', queue_max: 8"))
+
+
+def test_a_freed_slot_goes_to_a_waiting_request_whose_prefix_it_holds(tmp_path: Path) -> None:
+    text = POOL.replace("parallel: 4", "parallel: 1")
+
+    async def main() -> tuple[str, str]:
+        router, _, _ = make_router(tmp_path, text)
+        _ready(router, "server_9101", "server_9102")
+        pool = router.resolve("chat")
+        a_route, b_route = route_key({"messages": convo(1, 1)}), route_key({"messages": convo(2, 1)})
+        held_a = await router.lease(pool, route=a_route)
+        held_b = await router.lease(pool, route=b_route)
+        # Every slot busy; the first in line continues a's conversation, the second b's.
+        first = asyncio.create_task(router.lease(pool, route=route_key({"messages": convo(1, 2)})))
+        second = asyncio.create_task(router.lease(pool, route=route_key({"messages": convo(2, 2)})))
+        await asyncio.sleep(0)
+        held_b.release()  # b's instance is free: the second request, whose history it holds, goes first
+        second_lease = await second
+        assert not first.done()
+        held_a.release()
+        first_lease = await first
+        assert held_a.instance is not held_b.instance
+        return (
+            "same" if second_lease.instance is held_b.instance else "other",
+            "same" if first_lease.instance is held_a.instance else "other",
+        )
+
+    assert asyncio.run(main()) == ("same", "same")

@@ -13,16 +13,16 @@ cold one there. This module picks that instance, but never at any price:
   restored (:meth:`Affinity.reinstate`); otherwise it is dropped when it is ready again.
 * **Bounded loads.** An instance is eligible only while its in-flight requests (counting
   the new one) stay within ``(1 + e)`` times its share of the pool's load (consistent
-  hashing with bounded loads); a sticky or cached instance over that bound loses the
-  request to one with room. With no match, rendezvous hashing of the first link spreads
-  new prefixes evenly and sends simultaneous twins to the same instance.
+  hashing with bounded loads; one request is always allowed on an idle instance); a
+  sticky or cached instance over that bound loses the request to one with room. With no
+  match, the least loaded instance wins, ties broken by rendezvous hashing of the first
+  link, so new prefixes spread and simultaneous twins meet.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -114,8 +114,7 @@ class Affinity:
         """Whether one more request keeps ``c`` within (1 + e) times its share of the pool's load."""
         total = sum(b.in_flight for b in candidates) + 1
         slots = sum(b.slots for b in candidates)
-        cap = math.ceil((1 + self.load_factor) * total * c.slots / slots)
-        return c.in_flight + 1 <= cap
+        return c.in_flight + 1 <= max(1.0, (1 + self.load_factor) * total * c.slots / slots)
 
     def match(self, inst_key: str, route: RouteKey) -> int:
         """Characters of the request's prefix the instance was last sent (0: none)."""
@@ -151,8 +150,10 @@ class Affinity:
             self.hits += 1
             return best
         self.misses += 1
+        # Nothing cached: the least loaded; among equals, one fixed by the first link (twins meet).
+        least = min(c.in_flight / c.slots for c in eligible)
         first = route.chain[0][0]
-        return max(eligible, key=lambda c: _rendezvous(first, c.key))
+        return max((c for c in eligible if c.in_flight / c.slots == least), key=lambda c: _rendezvous(first, c.key))
 
     # --- remembering -------------------------------------------------------------------
 

@@ -25,6 +25,11 @@ class Waiter:
     future: asyncio.Future[Lease]
     exclude: frozenset[str]
     route: RouteKey | None = None
+    overtaken: int = 0  # times a later request with a cached prefix went first
+
+
+LOOKAHEAD = 8
+MAX_OVERTAKEN = 4
 
 
 class Pool:
@@ -109,17 +114,49 @@ class Pool:
                 waiter.future.cancel()
 
     def dispatch(self) -> None:
-        """Hand free slots to waiting requests, first come first served."""
+        """Hand free slots to waiting requests, first come first served.
+
+        With prefix routing a request a little further back (``LOOKAHEAD``) whose prefix
+        the free instance holds may go before one whose prefix it does not, at most
+        ``MAX_OVERTAKEN`` times for the same first request."""
         while self.waiting:
             waiter = self.waiting[0]
             if waiter.future.done():
                 self.waiting.popleft()
                 continue
+            if self.affinity is not None:
+                waiter = self._cache_first(waiter)
             backend = self.pick(waiter.exclude, waiter.route)
             if backend is None:
                 return
-            self.waiting.popleft()
+            self.waiting.remove(waiter)
             waiter.future.set_result(self._take(backend, waiter.route))
+
+    def _cache_first(self, head: Waiter) -> Waiter:
+        assert self.affinity is not None
+        ready = [b for b in self.backends if b.state is State.READY]
+        aff = self.affinity
+
+        def cached(w: Waiter) -> bool:
+            """Whether the instance holding most of the request's prefix has a free slot."""
+            if w.route is None or not w.route.chain:
+                return False
+            best, best_len = None, 0
+            for b in ready:
+                n = aff.match(b.key, w.route) if b.key not in w.exclude else 0
+                if n > best_len:
+                    best, best_len = b, n
+            return best is not None and best.in_flight < best.slots
+
+        if head.overtaken >= MAX_OVERTAKEN or cached(head):
+            return head
+        for i, w in enumerate(self.waiting):
+            if i >= LOOKAHEAD:
+                break
+            if w is not head and not w.future.done() and cached(w):
+                head.overtaken += 1
+                return w
+        return head
 
     def fail_waiters(self, exc: FleetError) -> None:
         """Tell every waiting request that nothing will serve it."""
