@@ -213,3 +213,47 @@ def test_a_freed_slot_goes_to_a_waiting_request_whose_prefix_it_holds(tmp_path: 
         )
 
     assert asyncio.run(main()) == ("same", "same")
+
+
+# --- KV caches across WARM stops, as capacity drives them ----------------------------------------
+
+WARM_KV = """
+servers:
+  w:
+    model: m.gguf
+    ports: [9201, 9202]
+    tier: warm
+    slot_save: true
+    roles: [chat]
+pools: [chat]
+worker_pool: {warm_timeout_s: 10}
+api: {queue_max: 8, queue_wait_s: 5, start_wait_s: 5, drain_timeout_s: 1}
+"""
+
+
+@pytest.mark.parametrize("verified", [True, False])
+def test_an_idle_stop_saves_and_the_next_start_restores_before_traffic(tmp_path: Path, verified: bool) -> None:
+    async def main() -> tuple[list[str], list[str], str, int]:
+        router, actions, clock = make_router(tmp_path, WARM_KV)
+        actions.kv_verified = verified
+        pool = router.resolve("chat")
+        route = route_key({"messages": convo(1, 1)})
+        lease = await router.lease(pool, route=route)  # starts both replicas on demand
+        home = lease.instance
+        lease.release()
+        clock.advance(11)
+        router.supervisor.reap_idle()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert home.state is State.STOPPED and home.key in actions.kv_saves  # saved while still up
+        assert router.affinity.match(home.key, route) == 0  # its process is gone
+        slot_dir = Path(home.spec.slot_dir or "")
+        slot_dir.mkdir(parents=True, exist_ok=True)
+        (slot_dir / "warm.json").write_text("{}")  # what a real save leaves behind
+        await router.start_component("w", "test")
+        assert home.state is State.READY
+        return actions.kv_saves, actions.kv_restores, home.key, router.affinity.match(home.key, route)
+
+    saves, restores, home, matched = asyncio.run(main())
+    assert home in saves and home in restores
+    assert (matched > 0) is verified  # only a restore that was checked brings its prefixes back

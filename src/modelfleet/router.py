@@ -101,8 +101,8 @@ class Router:
         return await pool.acquire(wait_s, exclude, route)
 
     def _affinity_moved(self, inst: Instance, old: State, new: State) -> None:
-        if new is State.STOPPED:
-            self.affinity.park(inst.key)  # back only if its KV cache is restored
+        if new in (State.STOPPED, State.BACKOFF, State.FAILED):
+            self.affinity.park(inst.key)  # its process is gone: back only if its KV cache is restored
         elif new is State.READY:
             self.affinity.ready(inst.key)
 
