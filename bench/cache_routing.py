@@ -73,7 +73,7 @@ def tool_result(session: int, turn: int, rng: random.Random) -> str:
     return f"Session {session}, step {turn}: the tool printed: {words}. What next?"
 
 
-def stack_yaml(ports: list[int], api_port: int, state: Path) -> str:
+def stack_yaml(ports: list[int], api_port: int, state: Path, cache_ram: int | None = None) -> str:
     a, b, w1, w2 = ports
     return f"""
 name: cachebench
@@ -87,7 +87,12 @@ servers:
     ctx_size: 16384
     threads: 1
     threads_http: 32
-    health_timeout_s: 120
+    health_timeout_s: 120{
+        ""
+        if cache_ram is None
+        else f'''
+    args: [--cache-ram, "{cache_ram}"]'''
+    }
   warm_kv:
     model: builtin:smollm2-135m-instruct
     port: {w1}
@@ -240,22 +245,9 @@ def summarise(rounds: list[dict[str, Any]], role: str) -> dict[str, Any]:
     }
 
 
-async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
-    async def status() -> dict[str, Any]:
-        async with httpx.AsyncClient(timeout=30) as c:
-            data = (await c.get(url + "/admin/status")).json()
-        return {i["name"]: i for i in data["instances"]}
-
-    rounds = []
-    order = ["lb", "px"] * args.rounds
-    for i, role in enumerate(order):
-        rd = await agents_round(url, role, args, salt=f"round-{i}")
-        s = summarise([rd], role)
-        print(f"round {i} {role}: {s}", file=sys.stderr, flush=True)
-        rounds.append(rd)
-    out: dict[str, Any] = {"least_busy": summarise(rounds, "lb"), "prefix": summarise(rounds, "px")}
-    lb, px = out["least_busy"], out["prefix"]
-    out["ratios"] = {
+def agents_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    lb, px = summarise(rounds, "lb"), summarise(rounds, "px")
+    ratios = {
         "ttft_p50_least_busy_over_prefix": round(lb["ttft_p50_s"] / px["ttft_p50_s"], 2),
         "ttft_p95_least_busy_over_prefix": round(lb["ttft_p95_s"] / px["ttft_p95_s"], 2),
         "prompt_evaluated_least_busy_over_prefix": round(
@@ -263,7 +255,24 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         ),
         "throughput_prefix_over_least_busy": round(px["requests_per_s"] / lb["requests_per_s"], 2),
     }
-    print(f"ratios: {out['ratios']}", file=sys.stderr, flush=True)
+    return {"least_busy": lb, "prefix": px, "ratios": ratios}
+
+
+async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    async def status() -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            data = (await c.get(url + "/admin/status")).json()
+        return {i["name"]: i for i in data["instances"]}
+
+    rounds = []
+    for i, role in enumerate(["lb", "px"] * args.rounds):
+        rd = await agents_round(url, role, args, salt=f"round-{i}")
+        print(f"round {i} {role}: {summarise([rd], role)}", file=sys.stderr, flush=True)
+        rounds.append(rd)
+    out: dict[str, Any] = {}
+    if rounds:
+        out.update(agents_summary(rounds))
+        print(f"ratios: {out['ratios']}", file=sys.stderr, flush=True)
     if not args.skip_skew:
         out["skew"] = await skew_round(url, args, status)
         print(f"skew: {out['skew']}", file=sys.stderr, flush=True)
@@ -281,25 +290,31 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     return out
 
 
+def agents_markdown(res: dict[str, Any]) -> list[str]:
+    lines = [
+        "| policy | requests | TTFT p50 (s) | TTFT p95 (s) | prompt tokens evaluated | served from cache | req/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("least_busy", "prefix"):
+        s = res[name]
+        lines.append(
+            f"| {name} | {s['requests']} | {s['ttft_p50_s']} | {s['ttft_p95_s']} | {s['prompt_tokens_evaluated']} "
+            f"| {s['prompt_tokens_cached']} | {s['requests_per_s']} |"
+        )
+    lines += ["", "Ratios (same run, rounds interleaved):", ""]
+    return lines + [f"- {k}: **{v}**" for k, v in res["ratios"].items()]
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
-    lb, px, ra = res["least_busy"], res["prefix"], res["ratios"]
     lines = [
         "# Cache-aware routing: least_busy vs prefix",
         "",
         f"Command: `{command}`",
         "",
         f"Machine: {res['machine']}. Config: {res['config']}.",
-        "",
-        "| policy | requests | TTFT p50 (s) | TTFT p95 (s) | prompt tokens evaluated | served from cache | req/s |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for name, s in (("least_busy", lb), ("prefix", px)):
-        lines.append(
-            f"| {name} | {s['requests']} | {s['ttft_p50_s']} | {s['ttft_p95_s']} | {s['prompt_tokens_evaluated']} "
-            f"| {s['prompt_tokens_cached']} | {s['requests_per_s']} |"
-        )
-    lines += ["", "Ratios (same run, rounds interleaved):", ""]
-    lines += [f"- {k}: **{v}**" for k, v in ra.items()]
+    if "ratios" in res:
+        lines += ["", *agents_markdown(res)]
     if "skew" in res:
         lines += [
             "",
@@ -330,13 +345,15 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds of each policy, interleaved")
     p.add_argument("--skip-skew", action="store_true")
     p.add_argument("--skip-warm", action="store_true")
+    p.add_argument("--cache-ram", type=int, help="the replicas' --cache-ram MiB (llama-server's prompt cache; 0: off)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--name", default="cache_routing", help="results file name, without .md/.json")
     args = p.parse_args()
     command = "python bench/cache_routing.py " + shlex.join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="cachebench-") as tmp:
         ports = free_ports(5)
         path = Path(tmp) / "stack.yaml"
-        path.write_text(stack_yaml(ports[:4], ports[4], Path(tmp) / "state"))
+        path.write_text(stack_yaml(ports[:4], ports[4], Path(tmp) / "state", args.cache_ram))
         cfg = load_config_file(path)
         stack = Stack(cfg, Path(tmp) / "state", probe_binary(find_llama_server(cfg)), say=lambda m: None)
         try:
@@ -349,11 +366,12 @@ def main() -> int:
         f"{args.sessions} sessions x {args.turns} turns, system prompt ~{args.system_tokens} tokens, "
         f"~120-token tool result per turn, max_tokens {args.max_tokens}, {args.rounds} rounds per policy; "
         "2 SmolLM2-135M replicas, 2 slots and 1 thread each"
+        + ("" if args.cache_ram is None else f", --cache-ram {args.cache_ram}")
     )
     res["command"] = command
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cache_routing.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / "cache_routing.md").write_text(markdown(res, command))
+    (args.out / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(res, command))
     print(markdown(res, command))
     return 0
 
