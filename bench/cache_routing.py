@@ -167,6 +167,8 @@ async def agents_round(url: str, role: str, args: argparse.Namespace, salt: str)
                 r = await turn(client, url, role, messages, args.max_tokens)
                 results.append(r)
                 messages.append({"role": "assistant", "content": r["text"] or "ok"})
+                if args.think_s:  # the agent runs its tool before the next turn
+                    await asyncio.sleep(rng.uniform(0.5, 1.5) * args.think_s)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(session(k) for k in range(args.sessions)))
@@ -343,6 +345,7 @@ def main() -> int:
     p.add_argument("--system-tokens", type=int, default=1500)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="rounds of each policy, interleaved")
+    p.add_argument("--think-s", type=float, default=0.0, help="mean pause between a session's turns (tool time)")
     p.add_argument("--skip-skew", action="store_true")
     p.add_argument("--skip-warm", action="store_true")
     p.add_argument("--cache-ram", type=int, help="the replicas' --cache-ram MiB (llama-server's prompt cache; 0: off)")
@@ -364,7 +367,8 @@ def main() -> int:
     res["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f} at the end"
     res["config"] = (
         f"{args.sessions} sessions x {args.turns} turns, system prompt ~{args.system_tokens} tokens, "
-        f"~120-token tool result per turn, max_tokens {args.max_tokens}, {args.rounds} rounds per policy; "
+        f"~120-token tool result per turn, think time {args.think_s:g} s, max_tokens {args.max_tokens}, "
+        f"{args.rounds} rounds per policy; "
         "2 SmolLM2-135M replicas, 2 slots and 1 thread each"
         + ("" if args.cache_ram is None else f", --cache-ram {args.cache_ram}")
     )
