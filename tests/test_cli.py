@@ -72,6 +72,9 @@ def test_dev_stack_end_to_end(tmp_path: Path, state_dir: Path, dev_model: Path) 
     assert rows["smollm2"]["status"] == "healthy" and rows["smollm2"]["pid"]
     assert rows["orchestrator"]["status"] == "healthy"
     assert rows["smollm2"]["in_flight"] == 0 and rows["smollm2"]["routing"] == "ready"  # the front door's view
+    assert rows["smollm2"]["prompt_evaluated"] > 0  # from the chat's timings
+    table = run("status", "--config", cfg, "--state-dir", str(state_dir)).stdout
+    assert "CACHED" in table and "% of " in table
     pids = [rows["smollm2"]["pid"], rows["orchestrator"]["pid"]]
 
     res = run("stop", "--all", "--config", cfg, "--state-dir", str(state_dir))

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
-from modelfleet import health, hooks, memory, upstream
+from modelfleet import health, hooks, memory, upstream, warmkv
 from modelfleet.errors import UpstreamError
 from modelfleet.fleet import Instance
 from modelfleet.instance import Handle
@@ -50,6 +51,14 @@ class Actions(Protocol):
 
     async def housekeeping(self, records: dict[str, InstanceRecord]) -> None:
         """Periodic chores on what runs (log rotation)."""
+        ...
+
+    async def save_kv(self, inst: Instance) -> warmkv.Outcome:
+        """Save the slots of an idle instance that is about to stop (warmkv.py)."""
+        ...
+
+    async def restore_kv(self, inst: Instance) -> warmkv.Outcome:
+        """Restore what :meth:`save_kv` saved into the new process, and check the cache is used."""
         ...
 
 
@@ -110,3 +119,16 @@ class StackActions:
     async def housekeeping(self, records: dict[str, InstanceRecord]) -> None:
         paths = [rec.log_file for rec in records.values()]
         await asyncio.to_thread(self.stack.launcher.rotate_logs, paths, self.stack.cfg.logs)
+
+    @staticmethod
+    def _kv_target(inst: Instance) -> warmkv.Target:
+        spec = inst.spec
+        assert spec.slot_dir is not None
+        return warmkv.Target(inst.name, inst.reach_host, inst.port, inst.slots, Path(spec.slot_dir), spec.argv)
+
+    async def save_kv(self, inst: Instance) -> warmkv.Outcome:
+        cap = int(self.stack.cfg.worker_pool.kv_keep_mb * 1024 * 1024)
+        return await warmkv.save(self.client, self._kv_target(inst), cap)
+
+    async def restore_kv(self, inst: Instance) -> warmkv.Outcome:
+        return await warmkv.restore(self.client, self._kv_target(inst))

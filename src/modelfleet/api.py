@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from modelfleet import apply, checkpoint, handover, loading, registry, upstream, webui
+from modelfleet import affinity, apply, checkpoint, handover, loading, registry, upstream, webui
 from modelfleet.config import StackConfig, Tier, load_config_file
 from modelfleet.errors import ApiError, ConnectFailed, FleetError, StartupError, Unavailable, Unsendable, UpstreamError
 from modelfleet.events import EventHub
@@ -293,7 +293,16 @@ class FrontDoor:
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "'model' must be a string naming a role, alias or task type", "invalid_request_error")
         pool = self._pool(name)
-        return await self.proxy(incoming, pool, path, stream=payload.get("stream") is True)
+        route = self._route(pool, incoming, payload)
+        return await self.proxy(incoming, pool, path, stream=payload.get("stream") is True, route=route)
+
+    def _route(self, pool: Pool, incoming: Incoming, payload: Mapping[str, Any]) -> affinity.RouteKey | None:
+        """The routing key of a request to a pool that routes by prefix (None for the others)."""
+        if pool.affinity is None:
+            return None
+        header = self.cfg.api.session_header
+        session = incoming.headers.get(header.lower()) if header else None
+        return affinity.route_key(payload, session or None)
 
     async def upstream_route(self, request: Request) -> Response:
         pool = self._pool(request.path_params["role"])
@@ -337,7 +346,9 @@ class FrontDoor:
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    async def proxy(self, incoming: Incoming, pool: Pool, path: str, stream: bool) -> Response:
+    async def proxy(
+        self, incoming: Incoming, pool: Pool, path: str, stream: bool, route: affinity.RouteKey | None = None
+    ) -> Response:
         """Send the request to a backend of the pool; retry once elsewhere if it fails before any byte.
 
         The slot is a lease: released by the response when it ends, or here on any failure before it.
@@ -347,7 +358,7 @@ class FrontDoor:
         target = path + (f"?{incoming.query}" if incoming.query else "")
         exclude: frozenset[str] = frozenset()
         for attempt in (1, 2):
-            lease = await self._lease(pool, exclude)
+            lease = await self._lease(pool, exclude, route)
             backend = lease.instance
             self.metrics.child(self.metrics.queue_wait, pool.role).observe(time.perf_counter() - t0)
             try:
@@ -389,9 +400,9 @@ class FrontDoor:
                 ) from exc
         raise AssertionError("unreachable")
 
-    async def _lease(self, pool: Pool, exclude: frozenset[str]) -> Lease:
+    async def _lease(self, pool: Pool, exclude: frozenset[str], route: affinity.RouteKey | None = None) -> Lease:
         try:
-            return await self.router.lease(pool, exclude)
+            return await self.router.lease(pool, exclude, route)
         except FleetError:
             self.metrics.errors.labels(pool.role, "frontdoor").inc()
             raise
@@ -707,6 +718,7 @@ class ProxyResponse(Response):
         found = _TOKENS.findall(tail)
         if found:
             m.child(m.tokens, self.pool.role, self.backend.name).inc(int(found[-1]))
+        m.prompt_timings(self.door.router.counters, self.pool.role, self.backend.name, tail)
         latency = time.perf_counter() - self.t0
         self.door.events.record(self.pool.role, self.backend.name, latency, tail, self.status_code)
 

@@ -18,8 +18,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
-from modelfleet import memory
+from modelfleet import memory, warmkv
 from modelfleet.actions import Actions
 from modelfleet.config import StackConfig, Tier
 from modelfleet.errors import FleetError, NoBackend
@@ -38,10 +39,18 @@ class Counters:
         self.idle_stops: dict[str, int] = {}
         self.restarts: dict[str, int] = {}
         self.evictions: dict[str, int] = {}
+        # Prompt tokens by (role, instance), from each answer's timings; KV restores by (instance, result).
+        self.prompt_evaluated: dict[tuple[str, str], int] = {}
+        self.prompt_cached: dict[tuple[str, str], int] = {}
+        self.kv_restores: dict[tuple[str, str], int] = {}
 
     @staticmethod
     def bump(d: dict[str, int], key: str) -> None:
         d[key] = d.get(key, 0) + 1
+
+    @staticmethod
+    def add(d: dict[tuple[str, str], int], key: tuple[str, str], n: int) -> None:
+        d[key] = d.get(key, 0) + n
 
 
 class Capacity:
@@ -59,6 +68,7 @@ class Capacity:
         self.actions = actions
         self.counters = counters
         self.coming_back: set[str] = set()  # keys of instances being reloaded: requests wait for them
+        self.on_kv_restored: Callable[[Instance], None] = lambda _: None  # the prefixes it knew are back
 
     # --- requests ----------------------------------------------------------------------
 
@@ -133,6 +143,7 @@ class Capacity:
             return
         for inst in chosen:
             inst.handle = handles.get(inst.key)
+            await self.restore_kv(inst)
             if await self.came_up(inst) and inst.tier is not Tier.HOT:
                 Counters.bump(self.counters.warm_starts, inst.name)
         self.dispatch_all()
@@ -191,8 +202,45 @@ class Capacity:
 
     # --- stopping -------------------------------------------------------------------------
 
-    async def drain_and_stop(self, inst: Instance, reason: str) -> None:
-        """Out of rotation, wait (bounded) for in-flight requests, then stop the process."""
+    # --- KV caches across stops (warmkv.py) ----------------------------------------------------
+
+    def keeps_kv(self, inst: Instance) -> bool:
+        return inst.spec.slot_dir is not None and self.cfg.worker_pool.keep_kv
+
+    async def save_kv(self, inst: Instance) -> None:
+        """Save the slots of a drained instance before it stops; a failure only costs the cache."""
+        try:
+            out = await self.actions.save_kv(inst)
+        except Exception:
+            log.exception("%s: saving its KV cache failed", inst.name)
+            return
+        log.info("%s: saved %d slots (%d tokens)%s", inst.name, len(out.slots), out.tokens, _detail(out))
+
+    async def restore_kv(self, inst: Instance) -> None:
+        """Before a started instance takes traffic, put back the KV cache saved when it stopped."""
+        if not self.keeps_kv(inst) or not warmkv.pending(Path(inst.spec.slot_dir or "")):
+            return
+        try:
+            out = await self.actions.restore_kv(inst)
+        except Exception:
+            log.exception("%s: restoring its KV cache failed", inst.name)
+            Counters.add(self.counters.kv_restores, (inst.name, "failed"), 1)
+            return
+        if not out.slots:
+            log.info("%s: no KV cache restored%s", inst.name, _detail(out))
+            return
+        result = "verified" if out.verified else "unused"
+        Counters.add(self.counters.kv_restores, (inst.name, result), 1)
+        if out.verified:
+            log.info("%s: restored %d slots (%d tokens), cache in use", inst.name, len(out.slots), out.tokens)
+            self.on_kv_restored(inst)
+        else:
+            log.warning("%s: KV restore did not take%s", inst.name, _detail(out))
+
+    async def drain_and_stop(self, inst: Instance, reason: str, keep_kv: bool = False) -> None:
+        """Out of rotation, wait (bounded) for in-flight requests, then stop the process.
+
+        With ``keep_kv`` (an idle stop, a reload) a server with ``slot_save`` saves its slots first."""
         if inst.state in UP:
             self.fleet.move(inst, State.DRAINING, reason)
         if inst.state is State.DRAINING:
@@ -202,6 +250,8 @@ class Capacity:
             self.fleet.move(inst, State.STOPPING, reason)
         elif inst.state is not State.STOPPING:
             return  # already stopped or failed
+        if keep_kv and self.keeps_kv(inst) and inst.in_flight == 0:
+            await self.save_kv(inst)
         try:
             await self.actions.stop([inst.key])
         finally:
@@ -215,3 +265,7 @@ class Capacity:
                 with contextlib.suppress(FleetError):
                     self.start_for(pool, "requests waiting after a stop")
         self.dispatch_all()
+
+
+def _detail(out: warmkv.Outcome) -> str:
+    return f" ({out.detail})" if out.detail else ""

@@ -452,6 +452,8 @@ def _merge_front_door_view(stack: Stack, rows: list[StatusRow]) -> list[StatusRo
                     routing=state.value,
                     detail=str(inst.get("detail") or "") or None,
                     status=Status.FAILED if state is State.FAILED else row.status,
+                    prompt_evaluated=int(inst.get("prompt_evaluated", 0)),
+                    prompt_cached=int(inst.get("prompt_cached", 0)),
                 )
             except (KeyError, ValueError, TypeError):
                 pass
@@ -599,8 +601,8 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
         out.print_json(data={"instances": instances, "hooks": [h.to_json() for h in hook_results or []]})
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    cols: tuple[str, ...] = ("COMPONENT", "PORT", "PID", "STATUS", "INFLIGHT", "QUEUED", "TIER", "EST", "MEASURED")
-    cols += ("MODEL", "ROLES")
+    cols: tuple[str, ...] = ("COMPONENT", "PORT", "PID", "STATUS", "INFLIGHT", "QUEUED", "CACHED", "TIER", "EST")
+    cols += ("MEASURED", "MODEL", "ROLES")
     placed = any(r.node != LOCAL_NODE for r in rows)  # some run on other nodes (placement: ray)
     if placed:
         cols = (*cols[:3], "NODE", *cols[3:])
@@ -618,6 +620,7 @@ def _print_status(rows: list[StatusRow], as_json: bool, hook_results: list[hooks
             f"[{color}]{r.status.value}[/]" + (f" ({r.routing})" if r.routing not in (None, "ready") else ""),
             "-" if r.in_flight is None else str(r.in_flight),
             "-" if r.queued is None else str(r.queued),
+            _cached(r),
             r.tier.value,
             "-" if r.estimate_bytes is None else memory.fmt_bytes(r.estimate_bytes),
             "-" if r.measured_bytes is None else memory.fmt_bytes(r.measured_bytes),
@@ -633,6 +636,14 @@ def _node_label(r: StatusRow) -> str:
     if r.node == LOCAL_NODE:
         return "local" if r.pid else "-"
     return f"{r.node[:8]}@{r.node_address}" if r.node_address else r.node[:8]
+
+
+def _cached(r: StatusRow) -> str:
+    """Share of prompt tokens served from the KV cache, of all prompt tokens: ``93% of 12400``."""
+    total = (r.prompt_evaluated or 0) + (r.prompt_cached or 0)
+    if r.prompt_evaluated is None or not total:
+        return "-"
+    return f"{100 * (r.prompt_cached or 0) // total}% of {total}"
 
 
 def _print_hooks(results: list[hooks.HookResult]) -> None:

@@ -308,6 +308,10 @@ class WorkerPoolConfig(Strict):
 
     expansion_threshold: Count = 4
     warm_timeout_s: Interval = 300.0
+    # Servers with `slot_save: true`: save each slot's KV cache when a WARM instance is stopped
+    # for idleness or reloaded, and restore it before the new process takes traffic.
+    keep_kv: bool = True
+    kv_keep_mb: Annotated[float, Range(1, 1_000_000, " MB")] = 1024.0  # per server; oldest files dropped
 
 
 class ApiConfig(Strict):
@@ -326,11 +330,22 @@ class ApiConfig(Strict):
     stop_grace_s: Grace = 10.0
     start_wait_s: Interval = 300.0
     health_timeout_s: Timeout = 30.0
+    # Cache-aware routing (affinity.py): the header that names a conversation (else the body's `user`),
+    # and e in "never over (1 + e) times the pool's mean load".
+    session_header: str | None = Field(default="X-Session-Id", min_length=1, max_length=128)
+    prefix_load_factor: Annotated[float, Range(0, 100)] = 0.25
 
     @field_validator("host")
     @classmethod
     def _host(cls, v: str) -> str:
         return _check_host(v)
+
+    @field_validator("session_header")
+    @classmethod
+    def _header_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", v):
+            raise ValueError(f"{_short(v)} is not an HTTP header name (letters, digits and '-'), e.g. X-Session-Id")
+        return v
 
     @field_validator("api_key", "admin_key")
     @classmethod
@@ -392,6 +407,7 @@ class MemoryConfig(Strict):
 
 
 HookBuiltin = Literal["embed_warmup", "generate_warmup"]
+Routing = Literal["least_busy", "prefix"]
 HookEvent = Literal["start", "instance_up"]
 _HOOK_CALL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
@@ -472,6 +488,8 @@ class StackConfig(Strict):
     aliases: dict[Name, Name] = Field(default_factory=dict)
     task_types: dict[Name, Name] = Field(default_factory=dict)
     pools: list[Name] = Field(default_factory=list)
+    # How a pool chooses among its instances; default: prefix for pools of more than one instance.
+    routing: dict[Name, Routing] = Field(default_factory=dict)
     worker_pool: WorkerPoolConfig = Field(default_factory=WorkerPoolConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
@@ -574,7 +592,16 @@ class StackConfig(Strict):
                 errs.append(f"task_types.{task}: '{task}' is already a role or alias name")
         if self.default_role is not None and self.default_role not in roles and self.default_role not in self.aliases:
             errs.append(f"default_role: '{self.default_role}' is not a role; known roles: {valid}")
+        errs.extend(
+            f"routing.{role}: '{role}' is not a role; known roles: {valid}"
+            for role in self.routing
+            if role not in roles
+        )
         return errs
+
+    def pool_routing(self, role: str, instances: int) -> Routing:
+        """How the pool of ``role`` picks among its ``instances``: as configured, else prefix when there is a choice."""
+        return self.routing.get(role, "prefix" if instances > 1 else "least_busy")
 
     def _check_hooks(self) -> list[str]:
         errs: list[str] = []

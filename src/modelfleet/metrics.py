@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,8 +10,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from modelfleet.capacity import Counters
 from modelfleet.lifecycle import State
 from modelfleet.router import Router
+
+_CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
+_PROMPT_N = re.compile(rb'"prompt_n"\s*:\s*(\d+)')
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -53,6 +58,15 @@ class Metrics:
         self.registry.register(_LiveCollector(router))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
+    @staticmethod
+    def prompt_timings(counters: Counters, role: str, instance: str, tail: bytes) -> None:
+        """Prompt tokens evaluated and served from cache, from the answer's llama.cpp ``timings``."""
+        evaluated, cached = _PROMPT_N.findall(tail), _CACHE_N.findall(tail)
+        if evaluated:
+            Counters.add(counters.prompt_evaluated, (role, instance), int(evaluated[-1]))
+        if cached:
+            Counters.add(counters.prompt_cached, (role, instance), int(cached[-1]))
+
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the lookup is on every request's path."""
         key = (id(metric), labels)
@@ -92,3 +106,15 @@ class _LiveCollector(Collector):
             for inst, n in counts.items():
                 fam.add_metric([inst], n)
             yield fam
+        for name, by, help_text in (
+            ("modelfleet_prompt_tokens_evaluated", r.counters.prompt_evaluated, "Prompt tokens evaluated (timings)"),
+            ("modelfleet_prompt_tokens_cached", r.counters.prompt_cached, "Prompt tokens served from the KV cache"),
+        ):
+            fam = CounterMetricFamily(name, help_text, labels=["role", "instance"])
+            for (role, inst), n in by.items():
+                fam.add_metric([role, inst], n)
+            yield fam
+        fam = CounterMetricFamily("modelfleet_kv_restores", "Saved KV caches restored", labels=["instance", "result"])
+        for (inst, result), n in r.counters.kv_restores.items():
+            fam.add_metric([inst, result], n)
+        yield fam

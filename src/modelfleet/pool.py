@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from modelfleet.affinity import Affinity, RouteKey
 from modelfleet.errors import FleetError, QueueFull, QueueTimeout
 from modelfleet.fleet import Fleet, Instance, Lease
 from modelfleet.lifecycle import State
@@ -23,6 +24,12 @@ from modelfleet.lifecycle import State
 class Waiter:
     future: asyncio.Future[Lease]
     exclude: frozenset[str]
+    route: RouteKey | None = None
+    overtaken: int = 0  # times a later request with a cached prefix went first
+
+
+LOOKAHEAD = 8
+MAX_OVERTAKEN = 4
 
 
 class Pool:
@@ -34,6 +41,7 @@ class Pool:
         self.backends = list(instances)
         self.queue_max = queue_max
         self.waiting: deque[Waiter] = deque()
+        self.affinity: Affinity | None = None  # set when the pool routes by prefix (affinity.py)
 
     @property
     def in_flight(self) -> int:
@@ -47,8 +55,18 @@ class Pool:
     def starting(self) -> bool:
         return any(b.state is State.STARTING for b in self.backends)
 
-    def pick(self, exclude: frozenset[str] = frozenset()) -> Instance | None:
-        """The ready instance with the most free capacity, or None if every slot is busy."""
+    def pick(self, exclude: frozenset[str] = frozenset(), route: RouteKey | None = None) -> Instance | None:
+        """The ready instance with the most free capacity, or None if every slot is busy.
+
+        With prefix routing and a routing key, the instance that affinity prefers wins
+        (within its load bound)."""
+        if route and self.affinity is not None:
+            free = [
+                b for b in self.backends if b.state is State.READY and b.in_flight < b.slots and b.key not in exclude
+            ]
+            chosen = self.affinity.choose(free, route)
+            if chosen is not None:
+                return chosen  # type: ignore[return-value]
         best: Instance | None = None
         best_key: tuple[float, float] = (2.0, 0.0)
         for b in self.backends:
@@ -59,17 +77,24 @@ class Pool:
                 best, best_key = b, key
         return best
 
-    async def acquire(self, wait_s: float, exclude: frozenset[str] = frozenset()) -> Lease:
+    def _take(self, inst: Instance, route: RouteKey | None) -> Lease:
+        if route and self.affinity is not None:
+            self.affinity.remember(inst.key, route)
+        return self.fleet.take(inst)
+
+    async def acquire(
+        self, wait_s: float, exclude: frozenset[str] = frozenset(), route: RouteKey | None = None
+    ) -> Lease:
         """A lease on an instance with a free slot, now or after a bounded wait in line."""
-        found = self.pick(exclude) if not self.waiting else None
+        found = self.pick(exclude, route) if not self.waiting else None
         if found is not None:
-            return self.fleet.take(found)
+            return self._take(found, route)
         if len(self.waiting) >= self.queue_max:
             raise QueueFull(
                 f"all {sum(b.slots for b in self.ready)} slots of '{self.role}' are busy and "
                 f"{len(self.waiting)} requests are already waiting; retry later"
             )
-        waiter = Waiter(asyncio.get_running_loop().create_future(), exclude)
+        waiter = Waiter(asyncio.get_running_loop().create_future(), exclude, route)
         self.waiting.append(waiter)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.future), wait_s)
@@ -89,17 +114,49 @@ class Pool:
                 waiter.future.cancel()
 
     def dispatch(self) -> None:
-        """Hand free slots to waiting requests, first come first served."""
+        """Hand free slots to waiting requests, first come first served.
+
+        With prefix routing a request a little further back (``LOOKAHEAD``) whose prefix
+        the free instance holds may go before one whose prefix it does not, at most
+        ``MAX_OVERTAKEN`` times for the same first request."""
         while self.waiting:
             waiter = self.waiting[0]
             if waiter.future.done():
                 self.waiting.popleft()
                 continue
-            backend = self.pick(waiter.exclude)
+            if self.affinity is not None:
+                waiter = self._cache_first(waiter)
+            backend = self.pick(waiter.exclude, waiter.route)
             if backend is None:
                 return
-            self.waiting.popleft()
-            waiter.future.set_result(self.fleet.take(backend))
+            self.waiting.remove(waiter)
+            waiter.future.set_result(self._take(backend, waiter.route))
+
+    def _cache_first(self, head: Waiter) -> Waiter:
+        assert self.affinity is not None
+        ready = [b for b in self.backends if b.state is State.READY]
+        aff = self.affinity
+
+        def cached(w: Waiter) -> bool:
+            """Whether the instance holding most of the request's prefix has a free slot."""
+            if w.route is None or not w.route.chain:
+                return False
+            best, best_len = None, 0
+            for b in ready:
+                n = aff.match(b.key, w.route) if b.key not in w.exclude else 0
+                if n > best_len:
+                    best, best_len = b, n
+            return best is not None and best.in_flight < best.slots
+
+        if head.overtaken >= MAX_OVERTAKEN or cached(head):
+            return head
+        for i, w in enumerate(self.waiting):
+            if i >= LOOKAHEAD:
+                break
+            if w is not head and not w.future.done() and cached(w):
+                head.overtaken += 1
+                return w
+        return head
 
     def fail_waiters(self, exc: FleetError) -> None:
         """Tell every waiting request that nothing will serve it."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from modelfleet import registry, upstream
 from modelfleet.actions import Actions, StackActions
+from modelfleet.affinity import Affinity, RouteKey
 from modelfleet.capacity import Capacity, Counters
 from modelfleet.config import StackConfig
 from modelfleet.errors import UsageError
@@ -52,11 +53,15 @@ class Router:
         self.counters = Counters()
         self.fleet = Fleet(self._specs(cfg), clock)
         self.fleet.on_release = self._released
+        # Prefix and session memory, shared by the pools that route by prefix (affinity.py).
+        self.affinity = Affinity(cfg.api.prefix_load_factor)
+        self.fleet.listeners.append(self._affinity_moved)
         self.pools: dict[str, Pool] = {}
         self._resolved: dict[str | None, Pool] = {}
         self._build_pools()
         self.capacity = Capacity(cfg, self.fleet, lambda: self.pools, self.actions, self.counters)
         self.supervisor = Supervisor(cfg, self.fleet, self.capacity, self.actions, self.counters)
+        self.capacity.on_kv_restored = lambda inst: self.affinity.reinstate(inst.key)
 
     def _specs(self, cfg: StackConfig) -> list[InstanceSpec]:
         return plan_instances(cfg, cfg.components(), self.stack.store.dir, self.stack.binary)
@@ -72,6 +77,8 @@ class Router:
             pool = Pool(role, self.fleet, by_role.get(role, []), self.cfg.api.queue_max)
             if role in old:
                 pool.waiting = old[role].waiting  # queued requests stay in line
+            if self.cfg.pool_routing(role, len(pool.backends)) == "prefix":
+                pool.affinity = self.affinity
             self.pools[role] = pool
         self._resolved = {}
 
@@ -88,10 +95,16 @@ class Router:
             pool = self._resolved[name] = self.pools[registry.resolve(self.cfg, name)]
         return pool
 
-    async def lease(self, pool: Pool, exclude: frozenset[str] = frozenset()) -> Lease:
+    async def lease(self, pool: Pool, exclude: frozenset[str] = frozenset(), route: RouteKey | None = None) -> Lease:
         """A lease on an instance of the pool with a free slot; may start a WARM/COLD server and wait for it."""
         wait_s = self.capacity.wait_for(pool)
-        return await pool.acquire(wait_s, exclude)
+        return await pool.acquire(wait_s, exclude, route)
+
+    def _affinity_moved(self, inst: Instance, old: State, new: State) -> None:
+        if new in (State.STOPPED, State.BACKOFF, State.FAILED):
+            self.affinity.park(inst.key)  # its process is gone: back only if its KV cache is restored
+        elif new is State.READY:
+            self.affinity.ready(inst.key)
 
     def _released(self, inst: Instance) -> None:
         for pool in self.pools.values():
@@ -111,12 +124,12 @@ class Router:
             raise UsageError(f"'{name}' is not a server or service of this stack; known: {known}")
         return found
 
-    async def stop_component(self, name: str, reason: str) -> list[Instance]:
+    async def stop_component(self, name: str, reason: str, keep_kv: bool = False) -> list[Instance]:
         found = self._component(name)
         for inst in found:
             if inst.state is State.FAILED:
                 self.fleet.move(inst, State.STOPPED, reason)
-        await asyncio.gather(*(self.capacity.drain_and_stop(i, reason) for i in found))
+        await asyncio.gather(*(self.capacity.drain_and_stop(i, reason, keep_kv) for i in found))
         return found
 
     async def start_component(self, name: str, reason: str) -> list[Instance]:
@@ -140,11 +153,12 @@ class Router:
         return found
 
     async def reload_component(self, name: str, reason: str) -> list[Instance]:
-        """Drain, stop and start again; requests for it meanwhile wait in line instead of failing."""
+        """Drain, stop and start again; requests for it meanwhile wait in line instead of failing.
+        A server with slot_save keeps its KV cache across the restart."""
         keys = {i.key for i in self._component(name)}
         self.capacity.coming_back |= keys
         try:
-            await self.stop_component(name, reason)
+            await self.stop_component(name, reason, keep_kv=True)
             return await self.start_component(name, reason)
         finally:
             self.capacity.coming_back -= keys
@@ -176,6 +190,7 @@ class Router:
                 inst.spec, inst.tier, inst.roles = specs[key], specs[key].tier, specs[key].roles
         self.cfg = cfg
         self.capacity.cfg = self.supervisor.cfg = cfg
+        self.affinity.load_factor = cfg.api.prefix_load_factor
         self._build_pools()
         self.capacity.dispatch_all()
         return {"added": added, "removed": removed, "changed": changed}
@@ -214,14 +229,22 @@ class Router:
                     "queued": queued[id(b)],
                     "idle_s": round(now - b.last_used, 1),
                     "restarts": self.counters.restarts.get(b.name, 0),
+                    "prompt_evaluated": sum(n for (_, i), n in self.counters.prompt_evaluated.items() if i == b.name),
+                    "prompt_cached": sum(n for (_, i), n in self.counters.prompt_cached.items() if i == b.name),
                     "detail": b.detail,
                 }
                 for b in self.fleet
             ],
             "pools": {
-                role: {"ready": len(p.ready), "in_flight": p.in_flight, "queued": len(p.waiting)}
+                role: {
+                    "ready": len(p.ready),
+                    "in_flight": p.in_flight,
+                    "queued": len(p.waiting),
+                    "routing": "prefix" if p.affinity is not None else "least_busy",
+                }
                 for role, p in self.pools.items()
             },
+            "affinity": self.affinity.stats(),
         }
 
 

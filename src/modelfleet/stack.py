@@ -18,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from modelfleet import health, loading, memory
+from modelfleet import health, loading, memory, warmkv
 from modelfleet.config import API_COMPONENT, StackConfig, Tier
 from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
 from modelfleet.fileutil import now_iso
@@ -64,6 +64,8 @@ class StatusRow(Identity):
     estimate_bytes: int | None = None  # memory estimate of one instance (from GGUF metadata or ram_gb)
     measured_bytes: int | None = None  # memory measured once it was ready (RSS or reported buffers)
     node_address: str | None = None  # the address of the node it runs on, when that is not this machine
+    prompt_evaluated: int | None = None  # prompt tokens the instance evaluated (front door, from timings)
+    prompt_cached: int | None = None  # prompt tokens it served from its KV cache
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -296,6 +298,8 @@ class Stack:
                         self.say(f"  nothing on :{port} runs its recorded command; check `ps` if it still runs")
                 if salvage.unreadable:
                     self.store.remove(list(salvage.unreadable))
+                if warmkv.clean(sorted((self.store.dir / "slots").glob("*"))):
+                    self.say("removed the KV caches saved at WARM stops")
                 return stopped
             records = self.store.read()
             wanted = list(names)

@@ -170,7 +170,8 @@ class Supervisor:
             ):
                 Counters.bump(self.counters.idle_stops, inst.name)
                 self.fleet.move(inst, State.DRAINING, f"idle for {now - inst.last_used:.0f} s")
-                self.fleet.spawn(self.capacity.drain_and_stop(inst, f"idle for {now - inst.last_used:.0f} s"))
+                why = f"idle for {now - inst.last_used:.0f} s"
+                self.fleet.spawn(self.capacity.drain_and_stop(inst, why, keep_kv=True))
 
     # --- the loop ----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from modelfleet import memory
+from modelfleet import memory, warmkv
 from modelfleet.config import load_config
 from modelfleet.errors import StartupError
 from modelfleet.fleet import Instance
@@ -53,6 +53,9 @@ class FakeActions:
         self.admissions: list[str] = []
         self.gate: asyncio.Event | None = None  # when set, starts wait for it
         self._pid = 100
+        self.kv_saves: list[str] = []
+        self.kv_restores: list[str] = []
+        self.kv_verified = True
 
     def _handle(self, key: str) -> Handle:
         self._pid += 1
@@ -143,6 +146,14 @@ class FakeActions:
 
     async def housekeeping(self, records: dict[str, InstanceRecord]) -> None:
         pass
+
+    async def save_kv(self, inst: Instance) -> warmkv.Outcome:
+        self.kv_saves.append(inst.key)
+        return warmkv.Outcome(slots=[0], tokens=10)
+
+    async def restore_kv(self, inst: Instance) -> warmkv.Outcome:
+        self.kv_restores.append(inst.key)
+        return warmkv.Outcome(slots=[0], tokens=10, verified=self.kv_verified)
 
 
 STACK = """

@@ -1,0 +1,138 @@
+"""Cache-aware routing and KV caches across WARM stops, on real llama-server instances."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import StackFactory, free_ports
+from modelfleet import warmkv
+from test_api import FAST_MONITOR, Fleet, srv
+
+SYSTEM = "You are a careful agent. Follow the rules. " * 4
+
+
+@pytest.fixture
+def door(make_stack: StackFactory) -> Iterator[Callable[..., Fleet]]:
+    def start(servers_yaml: str, extra: str = "") -> Fleet:
+        (api_port,) = free_ports(1)
+        stack = make_stack(servers_yaml + extra + FAST_MONITOR + f"api: {{port: {api_port}}}\n")
+        stack.start(stack.select())
+        return Fleet(stack, api_port)
+
+    yield start
+
+
+def ask(f: Fleet, history: list[dict[str, str]], role: str = "chat", **headers: str) -> dict[str, Any]:
+    body = {"model": role, "messages": history, "max_tokens": 3, "temperature": 0}
+    resp = f.post("/v1/chat/completions", body, headers=headers)
+    assert resp.status_code == 200, resp.text
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def metric(f: Fleet, name: str, **labels: str) -> float:
+    text = httpx.get(f.url + "/metrics", timeout=10).text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{{{want}}} in /metrics: {[x for x in text.splitlines() if name in x]}")
+
+
+def test_a_conversation_stays_on_one_replica_and_is_served_from_its_cache(
+    door: Callable[..., Fleet], tiny_model: Path
+) -> None:
+    a, b = free_ports(2)
+    replicas = srv("r", tiny_model, a, "[chat]", parallel=2, ctx_size=2048).replace(f"port: {a}", f"ports: [{a}, {b}]")
+    f = door("servers:\n" + replicas, extra="pools: [chat]\n")
+    history = [{"role": "system", "content": SYSTEM}]
+    cached = []
+    for turn in range(4):
+        history.append({"role": "user", "content": f"question {turn}"})
+        answer = ask(f, history)
+        cached.append(answer["timings"]["cache_n"])
+        history.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+    served = sorted(i["served"] for i in f.status().values() if i["component"] == "r")
+    assert served == [0, 4]  # least busy alone would have alternated: [2, 2]
+    assert cached[0] == 0 and all(n > 0 for n in cached[1:]), cached
+    st = f.status()
+    home = next(name for name, i in st.items() if i["component"] == "r" and i["served"] == 4)
+    assert metric(f, "modelfleet_prompt_tokens_cached_total", role="chat", instance=home) == sum(cached)
+    assert st[home]["prompt_cached"] == sum(cached) and st[home]["prompt_evaluated"] > 0
+    pools = httpx.get(f.url + "/admin/status", timeout=10).json()["pools"]
+    assert pools["chat"]["routing"] == "prefix"
+
+
+def test_a_session_header_keeps_a_conversation_home(door: Callable[..., Fleet], tiny_model: Path) -> None:
+    a, b = free_ports(2)
+    f = door(
+        "servers:\n" + srv("r", tiny_model, a, "[chat]").replace(f"port: {a}", f"ports: [{a}, {b}]"),
+        extra="pools: [chat]\n",
+    )
+    for i in range(3):  # unrelated prompts, one session: one instance
+        ask(f, [{"role": "user", "content": f"unrelated {i}"}], **{"X-Session-Id": "agent-1"})
+    served = sorted(i["served"] for i in f.status().values() if i["component"] == "r")
+    assert served == [0, 3]
+
+
+def test_a_warm_instance_stopped_for_idleness_comes_back_with_its_cache(
+    door: Callable[..., Fleet], tiny_model: Path
+) -> None:
+    hot, warm = free_ports(2)
+    f = door(
+        "servers:\n"
+        + srv("main", tiny_model, hot, "[main]")
+        + srv("lazy", tiny_model, warm, "[lazy]", tier="warm", slot_save="true"),
+        extra="worker_pool: {warm_timeout_s: 1.0}\n",
+    )
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello"}]
+    first = ask(f, history, role="lazy")  # starts it on demand
+    assert first["timings"]["prompt_n"] > 20
+    f.wait_for("the idle WARM instance to stop", lambda: f.status()["lazy"]["state"] == "stopped")
+    slot_dir = f.stack.store.dir / "slots" / str(warm)
+    assert (slot_dir / "warm-0.bin").is_file() and (slot_dir / warmkv.META).is_file()
+    assert warmkv.saved_tokens(slot_dir / "warm-0.bin")  # the header names the tokens it holds
+    again = ask(f, history, role="lazy")  # a new process, restored before it took this request
+    assert again["timings"]["cache_n"] >= first["timings"]["prompt_n"] - 1, again["timings"]
+    assert metric(f, "modelfleet_kv_restores_total", instance="lazy", result="verified") == 1.0
+    assert not (slot_dir / "warm-0.bin").exists()  # consumed by the restore
+    # Saved again at the next idle stop; `stop --all` removes it.
+    f.wait_for("the second idle stop", lambda: f.status()["lazy"]["state"] == "stopped")
+    deadline = time.monotonic() + 10
+    while not (slot_dir / "warm-0.bin").is_file():
+        assert time.monotonic() < deadline, "the second idle stop saved nothing"
+        time.sleep(0.05)
+    f.stack.stop()
+    assert not (slot_dir / "warm-0.bin").exists() and not (slot_dir / warmkv.META).exists()
+
+
+def test_a_restore_saved_under_another_command_line_is_not_used(tmp_path: Path) -> None:
+    import asyncio
+
+    from modelfleet import upstream
+
+    slot_dir = tmp_path / "slots"
+    slot_dir.mkdir()
+    (slot_dir / "warm-0.bin").write_bytes(b"x")
+    (slot_dir / warmkv.META).write_text('{"argv": ["llama-server", "-c", "512"], "slots": [0]}')
+    target = warmkv.Target("x", "127.0.0.1", 1, 1, slot_dir, ("llama-server", "-c", "1024"))
+    out = asyncio.run(warmkv.restore(upstream.Client(), target))
+    assert not out.slots and "another command line" in out.detail
+    assert not (slot_dir / "warm-0.bin").exists()  # stale files are dropped, not kept around
+
+
+def test_saved_slots_stay_within_the_cap_oldest_dropped(tmp_path: Path) -> None:
+    import os
+
+    for i in range(3):
+        p = tmp_path / f"warm-{i}.bin"
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (1000 + i, 1000 + i))
+    assert warmkv.prune(tmp_path, 2500) == ["warm-0.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["warm-1.bin", "warm-2.bin"]
