@@ -83,4 +83,4 @@ def test_snapshot_shows_every_instance_with_its_state_and_reason(tmp_path: Path)
     rows = {i["name"]: i for i in snap["instances"]}
     assert set(rows) == {"hot[0]", "hot[1]", "warm", "warm2", "cold"}
     assert (rows["cold"]["state"], rows["cold"]["detail"], rows["cold"]["node"]) == ("failed", "why not", "local")
-    assert snap["pools"]["chat"] == {"ready": 0, "in_flight": 0, "queued": 0}
+    assert snap["pools"]["chat"] == {"ready": 0, "in_flight": 0, "queued": 0, "routing": "prefix"}  # 3 instances
