@@ -24,9 +24,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from modelfleet.config import API_COMPONENT, StackConfig, Tier, load_config_file
+from modelfleet.config import API_COMPONENT, Tier, load_config_file
 from modelfleet.errors import ConfigError
-from modelfleet.spec import BinaryInfo, InstanceSpec, env_digest, find_llama_server, probe_binary
+from modelfleet.spec import InstanceSpec, env_digest
 from modelfleet.stack import ENV_DIGEST, Stack
 from modelfleet.state import InstanceRecord
 
@@ -76,23 +76,7 @@ def load_target(current: Stack, path: Path) -> Stack:
         cfg = load_config_file(path)
     except ConfigError as exc:
         raise ConfigError(f"{exc}\nnothing was changed: fix the file and run `modelfleet apply` again") from exc
-    return stack_for(current, cfg)
-
-
-def stack_for(current: Stack, cfg: StackConfig) -> Stack:
-    binary: BinaryInfo | None = current.binary
-    if cfg.servers and (binary is None or cfg.llama_server != current.cfg.llama_server):
-        binary = probe_binary(find_llama_server(cfg))
-    return Stack(
-        cfg,
-        current.store.dir,
-        binary,
-        launcher=current.launcher,
-        say=current.say,
-        progress=current.progress,
-        stop_grace_s=current.stop_grace_s,
-        binary_error=current.binary_error,
-    )
+    return current.with_config(cfg, probe_if_missing=True)
 
 
 def make_plan(target: Stack) -> Plan:

@@ -54,7 +54,7 @@ from modelfleet.config import API_COMPONENT, StackConfig, load_config
 from modelfleet.errors import CheckpointError, ConfigError, NoSuchCheckpoint, UsageError
 from modelfleet.fileutil import write_atomic
 from modelfleet.instance import Kind
-from modelfleet.spec import BinaryInfo, InstanceSpec, find_llama_server, probe_binary
+from modelfleet.spec import InstanceSpec
 from modelfleet.stack import Stack
 from modelfleet.state import STATE_FILE, InstanceRecord
 
@@ -639,7 +639,7 @@ def _plan(stack: Stack, path: Path, manifest: dict[str, Any]) -> _Plan:
         ) from exc
     wanted = [c for c in cfg.components() if c in {e.get("component") for e in manifest.get("running", [])}]
     live = [r for r in _live_records(stack) if r.component != API_COMPONENT]
-    target = _stack_for(stack, cfg)
+    target = stack.with_config(cfg)
     specs = target.specs(wanted)
     plan = _Plan(target, text, [], [], [], sorted({r.component for r in live if r.component not in wanted}))
     buckets = {"start": plan.start, "keep": plan.keep, "reload": plan.reload}
@@ -675,23 +675,6 @@ def _check_kv_plan(cfg: StackConfig, manifest: dict[str, Any]) -> None:
             f"the checkpoint holds KV caches for {', '.join(bad)}, but its config does not run them with "
             "`slot_save: true`; nothing was changed"
         )
-
-
-def _stack_for(stack: Stack, cfg: StackConfig) -> Stack:
-    """A Stack on the same state dir and launcher, with ``cfg`` (and its llama-server, if it names another)."""
-    binary: BinaryInfo | None = stack.binary
-    if cfg.servers and cfg.llama_server != stack.cfg.llama_server:
-        binary = probe_binary(find_llama_server(cfg))
-    return Stack(
-        cfg,
-        stack.store.dir,
-        binary,
-        launcher=stack.launcher,
-        say=stack.say,
-        progress=stack.progress,
-        stop_grace_s=stack.stop_grace_s,
-        binary_error=stack.binary_error,
-    )
 
 
 def _write_config(source: str | None, text: str) -> bool:

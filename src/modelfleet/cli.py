@@ -832,7 +832,7 @@ def apply_cmd(config_path: Path | None, dev: bool, state_dir: Path | None, dry_r
         current = make_stack(config_path, dev, state_dir, need_binary=True)
     except ConfigError as exc:
         raise ConfigError(f"{exc}\nnothing was changed: fix the file and run `modelfleet apply` again") from exc
-    target = apply.stack_for(current, current.cfg)
+    target = current.with_config(current.cfg, probe_if_missing=True)
     the_plan = apply.make_plan(target)
     rows = current.status(include_stopped=False)
     door = _front_door(current, rows)

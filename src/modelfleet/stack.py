@@ -24,7 +24,7 @@ from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
 from modelfleet.fileutil import now_iso
 from modelfleet.instance import Identity, Kind
 from modelfleet.launcher import Launcher, LocalLauncher, tail_text
-from modelfleet.spec import BinaryInfo, InstanceSpec, env_digest, plan_instances
+from modelfleet.spec import BinaryInfo, InstanceSpec, env_digest, find_llama_server, plan_instances, probe_binary
 from modelfleet.state import InstanceRecord, StateStore
 
 STOP_GRACE_S = 10.0
@@ -117,6 +117,23 @@ class Stack:
         self.stop_grace_s = stop_grace_s
 
     # --- selection -----------------------------------------------------------
+
+    def with_config(self, cfg: StackConfig, probe_if_missing: bool = False) -> Stack:
+        """A Stack on the same state dir, launcher and output that runs ``cfg``. Its llama-server is
+        probed again when ``cfg`` names another one (or, with ``probe_if_missing``, when none is known)."""
+        binary = self.binary
+        if cfg.servers and (cfg.llama_server != self.cfg.llama_server or (probe_if_missing and binary is None)):
+            binary = probe_binary(find_llama_server(cfg))
+        return Stack(
+            cfg,
+            self.store.dir,
+            binary,
+            launcher=self.launcher,
+            say=self.say,
+            progress=self.progress,
+            stop_grace_s=self.stop_grace_s,
+            binary_error=self.binary_error,
+        )
 
     def select(self, names: Iterable[str] = (), hot_only: bool = False, include: Iterable[str] = ()) -> list[str]:
         """Component names to start: the named ones, or the HOT tier plus ``include``."""

@@ -722,17 +722,7 @@ class Sweep:
             }
         )
         cfg = self.stack.cfg.model_copy(update={"servers": {**self.stack.cfg.servers, self.plan.server: srv}})
-        base = self.stack
-        return Stack(
-            cfg,
-            base.store.dir,
-            base.binary,
-            launcher=base.launcher,
-            say=base.say,
-            progress=base.progress,
-            stop_grace_s=base.stop_grace_s,
-            binary_error=base.binary_error,
-        )
+        return self.stack.with_config(cfg)
 
     def _running(self) -> bool:
         records = self.stack.store.read().values()
