@@ -31,7 +31,6 @@ import os
 import platform
 import random
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,20 +41,11 @@ from typing import Any
 import httpx
 
 from modelfleet.config import load_config_file
+from modelfleet.launcher import free_ports
 from modelfleet.spec import find_llama_server, probe_binary
 from modelfleet.stack import Stack
 
 TOKENS_PER_RULE = 15.5  # SmolLM2's tokenizer on the rule sentences below (measured: 40 rules, 642 tokens)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def system_prompt(tokens: int, salt: str) -> str:

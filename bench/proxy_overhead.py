@@ -28,7 +28,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import httpx
 
 from modelfleet import provision
 from modelfleet.config import load_config_file
+from modelfleet.launcher import free_ports
 from modelfleet.spec import find_llama_server, probe_binary
 from modelfleet.stack import Stack
 from modelfleet.tinymodel import write_tiny_llama
@@ -53,16 +53,6 @@ RESULTS = Path(__file__).parent / "results"
 PROMPT = [{"role": "user", "content": "Say hi."}]
 MAX_TOKENS = 8
 CONCURRENCY = (1, 8, 32)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [int(s.getsockname()[1]) for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def body(model: str, stream: bool = False) -> dict[str, Any]:

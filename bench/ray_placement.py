@@ -33,6 +33,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from modelfleet.config import load_config
+from modelfleet.launcher import free_ports
 from modelfleet.placement import launcher_for
 from modelfleet.spec import find_llama_server, probe_binary
 from modelfleet.stack import Stack
@@ -40,18 +41,6 @@ from modelfleet.tinymodel import TinyShape, write_tiny_llama
 
 SERVERS = 6
 OBJECT_STORE = 80 * 1024 * 1024
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [int(s.getsockname()[1]) for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def stack_text(kind: str, address: str, model: Path, ports: list[int], api: int) -> str:

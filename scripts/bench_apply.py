@@ -12,7 +12,6 @@ and `start`. Prints wall times, restarted processes and failed requests.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,20 +23,11 @@ from typing import Any
 import httpx
 import yaml
 
+from modelfleet.launcher import free_ports
 from modelfleet.state import StateStore
 from modelfleet.tinymodel import write_tiny_llama
 
 MODELFLEET = str(Path(sys.executable).parent / "modelfleet")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def main() -> None:

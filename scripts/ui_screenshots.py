@@ -11,7 +11,6 @@ shows, then saves ``ui-overview.png`` from Debian's headless chromium. Stops eve
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -23,21 +22,12 @@ import psutil
 from playwright.sync_api import sync_playwright
 
 from modelfleet.config import load_config_file
+from modelfleet.launcher import free_ports
 from modelfleet.spec import find_llama_server, probe_binary
 from modelfleet.stack import Stack
 from modelfleet.tinymodel import TinyShape, write_tiny_llama
 
 LOAD_S = 40.0
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def main(out: Path) -> int:

@@ -19,6 +19,7 @@ from modelfleet import provision
 from modelfleet.config import StackConfig, Tier, load_config
 from modelfleet.instance import Kind
 from modelfleet.launcher import LocalLauncher
+from modelfleet.launcher import free_ports as free_ports  # the tests take it from here
 from modelfleet.spec import BinaryInfo, find_llama_server, probe_binary
 from modelfleet.stack import Stack
 from modelfleet.state import InstanceRecord, StateStore
@@ -92,20 +93,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports, held open together so none repeats."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="session")
