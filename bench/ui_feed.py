@@ -35,6 +35,7 @@ from modelfleet.events import EventHub, sse
 from modelfleet.lifecycle import State
 from modelfleet.router import Router
 from modelfleet.stack import Stack
+from modelfleet.usage import usage_of
 from modelfleet.webui import CSP, STATIC, static_dir
 
 TAIL = b'{"usage":{"completion_tokens":16},"timings":{"cache_n":40,"prompt_n":8,"predicted_n":16}}'
@@ -70,7 +71,7 @@ def server_side(router: Router, hub: EventHub) -> dict[str, Any]:
     costs = []
     for _ in range(200):
         for k in range(20):
-            hub.record(f"r{k}", names[k % len(names)], 0.04, TAIL, 200)
+            hub.record(f"r{k}", names[k % len(names)], 0.04, TAIL, 200, usage_of(TAIL))
         t0 = time.perf_counter()
         event = hub.tick()
         costs.append(time.perf_counter() - t0)

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 
 from fakes.fleet import Clock, make_router, settle
 from modelfleet import events, webui
-from modelfleet.events import EventHub, sse, usage_of
+from modelfleet.events import EventHub, sse
 from modelfleet.instance import Handle
 from modelfleet.lifecycle import State
+from modelfleet.usage import Usage, usage_of
 
 STREAM_TAIL = (
     b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
@@ -26,14 +27,6 @@ def hub_on(tmp_path: Path) -> tuple[EventHub, Clock, object]:
     router, actions, _ = make_router(tmp_path)
     wall = Clock(5000.0)
     return EventHub(router, clock=wall), wall, actions
-
-
-def test_usage_is_read_from_a_whole_answer_or_a_streams_last_events() -> None:
-    assert usage_of(STREAM_TAIL) == (7, 15, 5)
-    whole = b'{"choices":[{"message":{"content":"x"}}],"usage":{"completion_tokens":3},"timings":{"prompt_n":9}}'
-    assert usage_of(whole) == (3, 0, 9)
-    assert usage_of(b'truncated ..."cache_n":4,"prompt_n":1}') == (0, 4, 1)
-    assert usage_of(b"") == (0, 0, 0)
 
 
 def test_every_state_change_of_the_owner_reaches_subscribers_in_order(tmp_path: Path) -> None:
@@ -75,8 +68,8 @@ def test_counters_cover_the_last_minute_per_instance(tmp_path: Path) -> None:
     async def main() -> None:
         hub, wall, _ = hub_on(tmp_path)
         for latency in (0.1, 0.2, 0.3):
-            hub.record("chat", "hot[0]", latency, STREAM_TAIL, 200)
-        hub.record("chat", "hot[0]", 0.05, b'{"error":{"message":"bad <b>thing</b>"}}', 400)
+            hub.record("chat", "hot[0]", latency, STREAM_TAIL, 200, usage_of(STREAM_TAIL))
+        hub.record("chat", "hot[0]", 0.05, b'{"error":{"message":"bad <b>thing</b>"}}', 400, Usage())
         c = hub.tick()["instances"]["hot[0]"]
         assert c["rps"] == round(4 / 60, 3)
         assert c["p50_ms"] == 150.0
@@ -96,7 +89,7 @@ def test_role_history_is_bounded_to_a_day_and_marks_follow_the_capacity_counters
         hub.router.counters.bump(hub.router.counters.warm_starts, "warm")
         for i in range(events.PER_SECOND * 2 + 120):
             if i % 7 == 0:
-                hub.record("chat", "hot[0]", 0.01, b"", 200)
+                hub.record("chat", "hot[0]", 0.01, b"", 200, Usage())
             hub.tick()
             wall.advance(1)
         hist = hub.history()

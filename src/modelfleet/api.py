@@ -52,6 +52,7 @@ from modelfleet.pool import Pool
 from modelfleet.router import Router
 from modelfleet.spec import BinaryInfo, find_llama_server, probe_binary
 from modelfleet.stack import Stack
+from modelfleet.usage import usage_of
 from modelfleet.wire import CutShort, FrontDoorProtocol
 
 log = logging.getLogger("modelfleet.api")
@@ -87,7 +88,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 FORWARD_HEADERS = ("content-type", "accept")
-_TOKENS = re.compile(rb'"(?:completion_tokens|predicted_n|tokens_predicted)"\s*:\s*(\d+)')
 BAD_KEY = "missing or wrong {which}; send 'Authorization: Bearer <key>'"
 FRESH_GRACE_S = 1.0  # on shutdown, how long a connection with no request yet may take to send one
 # Decoded path characters never forwarded: they would end or split the upstream request line.
@@ -715,12 +715,10 @@ class ProxyResponse(Response):
         self._observe(m.latency)
         if self.status_code >= 500 and failed is None:
             m.errors.labels(self.pool.role, "backend").inc()
-        found = _TOKENS.findall(tail)
-        if found:
-            m.child(m.tokens, self.pool.role, self.backend.name).inc(int(found[-1]))
-        m.prompt_timings(self.door.router.counters, self.pool.role, self.backend.name, tail)
+        usage = usage_of(tail)
+        m.count(self.door.router.counters, self.pool.role, self.backend.name, usage)
         latency = time.perf_counter() - self.t0
-        self.door.events.record(self.pool.role, self.backend.name, latency, tail, self.status_code)
+        self.door.events.record(self.pool.role, self.backend.name, latency, tail, self.status_code, usage)
 
 
 def _sse_error(tail: bytes, status: int, message: str, source: str = "backend") -> bytes:

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import statistics
 import time
 from collections import deque
@@ -32,6 +31,7 @@ from modelfleet.fleet import Instance
 from modelfleet.instance import Handle
 from modelfleet.lifecycle import State
 from modelfleet.router import Router
+from modelfleet.usage import Usage
 
 WINDOW_S = 60.0  # per-instance counters are over the last minute
 PER_SECOND = 15 * 60  # per-role samples kept at one a second: 15 minutes
@@ -108,10 +108,11 @@ class EventHub:
             }
         )
 
-    def record(self, role: str, instance: str, latency_s: float, body_tail: bytes, status: int) -> None:
-        """One answered request (called by the proxy once the answer has left)."""
-        tokens, cache_n, prompt_n = usage_of(body_tail)
-        done = Done(self.clock(), latency_s, tokens, cache_n, prompt_n, status < 400)
+    def record(self, role: str, instance: str, latency_s: float, body_tail: bytes, status: int, usage: Usage) -> None:
+        """One answered request (called by the proxy once the answer has left); absent figures count 0."""
+        done = Done(
+            self.clock(), latency_s, usage.generated or 0, usage.cached or 0, usage.evaluated or 0, status < 400
+        )
         self.requests.setdefault(instance, deque(maxlen=REQUESTS_KEPT)).append(done)
         self._role_done.setdefault(role, []).append(done)
         if status >= 400:
@@ -270,20 +271,6 @@ def _merge(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "queued": max(s["queued"] for s in samples),
         "in_flight": max(s["in_flight"] for s in samples),
     }
-
-
-_COMPLETION = re.compile(rb'"(?:completion_tokens|predicted_n|tokens_predicted)"\s*:\s*(\d+)')
-_CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
-_PROMPT_N = re.compile(rb'"prompt_n"\s*:\s*(\d+)')
-
-
-def usage_of(tail: bytes) -> tuple[int, int, int]:
-    """Tokens generated, prompt tokens from the cache, prompt tokens evaluated, from the end of an answer.
-
-    The last ``usage.completion_tokens`` and llama-server's ``timings.cache_n`` / ``timings.prompt_n``
-    in the tail (a whole answer, or a stream's last events); absent ones are 0.
-    """
-    return tuple(int(found[-1]) if (found := rx.findall(tail)) else 0 for rx in (_COMPLETION, _CACHE_N, _PROMPT_N))  # type: ignore[return-value]
 
 
 def error_text(tail: bytes) -> str:

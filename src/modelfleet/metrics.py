@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,9 +12,7 @@ from prometheus_client.registry import Collector
 from modelfleet.capacity import Counters
 from modelfleet.lifecycle import State
 from modelfleet.router import Router
-
-_CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
-_PROMPT_N = re.compile(rb'"prompt_n"\s*:\s*(\d+)')
+from modelfleet.usage import Usage
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -58,14 +55,14 @@ class Metrics:
         self.registry.register(_LiveCollector(router))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    @staticmethod
-    def prompt_timings(counters: Counters, role: str, instance: str, tail: bytes) -> None:
-        """Prompt tokens evaluated and served from cache, from the answer's llama.cpp ``timings``."""
-        evaluated, cached = _PROMPT_N.findall(tail), _CACHE_N.findall(tail)
-        if evaluated:
-            Counters.add(counters.prompt_evaluated, (role, instance), int(evaluated[-1]))
-        if cached:
-            Counters.add(counters.prompt_cached, (role, instance), int(cached[-1]))
+    def count(self, counters: Counters, role: str, instance: str, usage: Usage) -> None:
+        """Tokens generated, and prompt tokens evaluated and served from cache: only what the answer said."""
+        if usage.generated is not None:
+            self.child(self.tokens, role, instance).inc(usage.generated)
+        if usage.evaluated is not None:
+            Counters.add(counters.prompt_evaluated, (role, instance), usage.evaluated)
+        if usage.cached is not None:
+            Counters.add(counters.prompt_cached, (role, instance), usage.cached)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the lookup is on every request's path."""
