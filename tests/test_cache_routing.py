@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import StackFactory, free_ports
+from conftest import StackFactory, free_ports, stack_cli
 from modelfleet import warmkv
 from test_api import FAST_MONITOR, Fleet, srv
 
@@ -110,6 +110,29 @@ def test_a_warm_instance_stopped_for_idleness_comes_back_with_its_cache(
         time.sleep(0.05)
     f.stack.stop()
     assert not (slot_dir / "warm-0.bin").exists() and not (slot_dir / warmkv.META).exists()
+
+
+def test_cli_reload_goes_through_the_front_door_and_keeps_the_kv_cache(
+    door: Callable[..., Fleet], tiny_model: Path
+) -> None:
+    (port,) = free_ports(1)
+    f = door("servers:\n" + srv("m", tiny_model, port, "[chat]", slot_save="true"))
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello"}]
+    first = ask(f, history)
+    before = f.status()["m"]["pid"]
+    folder = f.stack.store.dir.parent
+    res = stack_cli(folder, "reload", "m")
+    assert res.returncode == 0, res.stderr
+    assert "through the front door" in res.stdout and "m ready" in res.stdout, res.stdout
+    assert f.status()["m"]["pid"] != before  # a new process...
+    again = ask(f, history)  # ...that had its slots back before it took this request
+    assert again["timings"]["cache_n"] >= first["timings"]["prompt_n"] - 1, again["timings"]
+    assert metric(f, "modelfleet_kv_restores_total", instance="m", result="verified") == 1.0
+    # A changed config is not the front door's to apply: the CLI restarts it itself, and says why.
+    (folder / "stack.yaml").write_text((folder / "stack.yaml").read_text().replace("threads: 1", "threads: 2"))
+    res = stack_cli(folder, "reload", "m")
+    assert res.returncode == 0, res.stderr
+    assert "config changed, so it restarts here" in res.stdout, res.stdout
 
 
 def test_a_restore_saved_under_another_command_line_is_not_used(tmp_path: Path) -> None:

@@ -402,10 +402,41 @@ def stop(
 @stack_options
 @click.argument("name", shell_complete=complete.component_names)
 def reload(config_path: Path | None, dev: bool, state_dir: Path | None, name: str) -> None:
-    """Restart one component with the current config, leaving the others running."""
+    """Restart one component with the current config, leaving the others running.
+
+    With the front door up and the component's config unchanged, the front door does it: it drains the
+    instances (requests for them wait in line instead of failing) and a server with ``slot_save`` keeps
+    its KV cache across the restart. Otherwise (or for the front door itself) it is restarted here."""
     stack = make_stack(config_path, dev, state_dir, need_binary=True)
+    door = None if name == API_COMPONENT else _front_door(stack, stack.status(include_stopped=False))
+    if door is not None:
+        step = next((s for s in apply.make_plan(stack).steps if s.component == name), None)
+        if step is not None and step.action is apply.Action.KEEP:
+            states = _admin_post(stack, door, f"/admin/reload/{name}")["instances"]
+            said = ", ".join(f"{k} {v}" for k, v in states.items()) if isinstance(states, dict) else "done"
+            out.print(f"reloaded {name} through the front door ({door}): {said}", markup=False)
+            return
+        out.print(f"{name}'s config changed, so it restarts here (`modelfleet apply` takes the whole file)")
     report = stack.reload(name)
     out.print(f"reloaded {name}: {', '.join(report.started) or 'nothing to start'}")
+
+
+def _admin_post(stack: Stack, door: str, path: str) -> dict[str, Any]:
+    """POST an admin verb to the running front door; its refusal is a FleetError naming the answer."""
+    admin = _bearer(stack.cfg.api.admin_key or stack.cfg.api.api_key)
+    try:
+        resp = httpx.post(door + path, json={}, headers=admin, timeout=httpx.Timeout(5.0, read=None))
+    except httpx.HTTPError as exc:
+        raise FleetError(f"the front door ({door}) did not answer POST {path}: {exc}") from exc
+    if resp.status_code != 200:
+        raise FleetError(f"the front door ({door}) refused POST {path}: {resp.status_code} {resp.text[:400]}")
+    try:
+        body = resp.json()
+    except ValueError as exc:
+        raise FleetError(f"the front door ({door}) answered POST {path} with no JSON: {resp.text[:200]}") from exc
+    if not isinstance(body, dict):
+        raise FleetError(f"the front door ({door}) answered POST {path} with {type(body).__name__}, not an object")
+    return body
 
 
 @cli.command()
@@ -845,14 +876,7 @@ def apply_cmd(config_path: Path | None, dev: bool, state_dir: Path | None, dry_r
         return
     if via_door:
         assert door is not None
-        admin = _bearer(current.cfg.api.admin_key or current.cfg.api.api_key)
-        try:
-            resp = httpx.post(door + "/admin/apply", json={}, headers=admin, timeout=httpx.Timeout(5.0, read=None))
-        except httpx.HTTPError as exc:
-            raise FleetError(f"the front door ({door}) did not answer POST /admin/apply: {exc}") from exc
-        if resp.status_code != 200:
-            raise FleetError(f"the front door ({door}) refused the apply: {resp.status_code} {resp.text[:400]}")
-        body = resp.json()
+        body = _admin_post(current, door, "/admin/apply")
     else:
         apply.carry_out(the_plan)
         body = {"applied": True, **the_plan.to_json()}
