@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fakes.fleet import make_router, settle
+from modelfleet import upstream
+from modelfleet.actions import StackActions
+from modelfleet.config import load_config
 from modelfleet.health import Health
+from modelfleet.instance import Handle
 from modelfleet.lifecycle import State
+from modelfleet.stack import Stack
+from modelfleet.state import InstanceRecord
 from modelfleet.supervisor import backoff_delay
 
 
@@ -166,3 +175,95 @@ def test_a_used_warm_instance_is_not_idle(tmp_path: Path) -> None:
         assert actions.stops == []
 
     asyncio.run(main())
+
+
+# --- liveness: asked in one step, off the event loop -------------------------------------
+
+
+def test_each_sync_asks_the_liveness_of_all_records_in_one_step(tmp_path: Path) -> None:
+    async def main() -> None:
+        router, actions, _ = make_router(tmp_path)
+        await actions.start(["server_9001", "server_9002", "server_9003"])
+        await router.adopt()
+        assert actions.liveness_asks == [["server_9001", "server_9002", "server_9003"]]
+        await actions.stop(["server_9003"])
+        await router.supervisor.tick()
+        assert actions.liveness_asks[1:] == [["server_9001", "server_9002"]]
+        assert router.fleet.instances["server_9003"].state is State.STOPPED
+
+    asyncio.run(main())
+
+
+def test_an_instance_that_changes_while_liveness_is_asked_is_left_to_the_next_tick(tmp_path: Path) -> None:
+    async def main() -> None:
+        router, actions, _ = make_router(tmp_path)
+        await actions.start(["server_9001"])
+        await router.adopt()
+        actions.liveness_gate = asyncio.Event()
+        sync = asyncio.create_task(router.supervisor.sync())
+        await settle()
+        assert len(actions.liveness_asks) == 2, "the sync is waiting for its answer"
+        # Meanwhile the front door starts the WARM instance: the records the sync read predate it.
+        warm = router.fleet.instances["server_9003"]
+        handle = (await actions.start(["server_9003"]))["server_9003"]
+        router.fleet.move(warm, State.STARTING, "on demand")
+        warm.handle = handle
+        router.fleet.move(warm, State.READY)
+        actions.liveness_gate.set()
+        await sync
+        assert warm.state is State.READY and warm.handle == handle, warm.detail
+        await router.supervisor.sync()  # the next tick reads the new record: still ours, still up
+        assert warm.state is State.READY and warm.pid == handle.pid
+
+    asyncio.run(main())
+
+
+class SlowLauncher:
+    """Answers liveness like a launcher whose nodes are far away: each question blocks its thread."""
+
+    def __init__(self, batched: bool) -> None:
+        self.asked: list[list[int]] = []
+        self.threads: set[int] = set()
+        if batched:
+            self.alive_many = self._alive_many
+
+    def alive(self, handle: Handle) -> bool:
+        self.threads.add(threading.get_ident())
+        self.asked.append([handle.pid])
+        time.sleep(0.1)
+        return handle.pid % 2 == 1
+
+    def _alive_many(self, handles: Sequence[Handle]) -> list[bool]:
+        self.threads.add(threading.get_ident())
+        self.asked.append([h.pid for h in handles])
+        time.sleep(0.3)
+        return [h.pid % 2 == 1 for h in handles]
+
+
+def test_stack_actions_ask_the_launcher_off_the_loop_and_in_one_call_when_it_can(tmp_path: Path) -> None:
+    path = tmp_path / "stack.yaml"
+    path.write_text("servers:\n  a: {model: m.gguf, ports: [9101, 9102, 9103]}\n")
+    cfg = load_config(path.read_text(), str(path))
+    specs = Stack(cfg, tmp_path / "state", None).specs(["a"])
+    records = {
+        s.key: InstanceRecord.extend(s, pid=pid, started_at="now", log_file="", create_time=1.0)
+        for s, pid in zip(specs, (11, 12, 13), strict=True)
+    }
+
+    async def ask(launcher: SlowLauncher) -> tuple[dict[str, bool], int]:
+        stack = Stack(cfg, tmp_path / "state", None, launcher=launcher)  # type: ignore[arg-type]
+        actions = StackActions(stack, upstream.Client())
+        ticks = 0
+        answer = asyncio.create_task(actions.alive_all(records))
+        while not answer.done():
+            await asyncio.sleep(0.01)
+            ticks += 1
+        return await answer, ticks
+
+    for batched, calls in ((True, [[11, 12, 13]]), (False, [[11], [12], [13]])):
+        launcher = SlowLauncher(batched)
+        alive, ticks = asyncio.run(ask(launcher))
+        assert alive == {"server_9101": True, "server_9102": False, "server_9103": True}
+        assert launcher.asked == calls
+        assert threading.get_ident() not in launcher.threads, "asked on the event loop's thread"
+        assert ticks >= 10, f"the event loop ran only {ticks} times while the launcher answered"

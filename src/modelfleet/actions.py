@@ -11,7 +11,7 @@ fake that starts nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +19,7 @@ from modelfleet import health, hooks, memory, upstream, warmkv
 from modelfleet.errors import UpstreamError
 from modelfleet.fleet import Instance
 from modelfleet.instance import Handle
+from modelfleet.launcher import alive_many
 from modelfleet.spec import InstanceSpec
 from modelfleet.stack import Stack
 from modelfleet.state import InstanceRecord
@@ -36,10 +37,13 @@ class Actions(Protocol):
         ...
 
     async def records(self) -> dict[str, InstanceRecord]:
-        """What the state file says runs (crashed processes included; ``alive`` tells)."""
+        """What the state file says runs (crashed processes included; ``alive_all`` tells)."""
         ...
 
-    def alive(self, handle: Handle) -> bool: ...
+    async def alive_all(self, records: Mapping[str, InstanceRecord]) -> dict[str, bool]:
+        """Whether each record's process runs, by key: all asked in one step, off the event loop
+        (a launcher's answer may come from another machine)."""
+        ...
 
     async def probe(self, inst: Instance, timeout_s: float) -> health.Health: ...
 
@@ -87,8 +91,11 @@ class StackActions:
         await asyncio.to_thread(self.stack.reap)
         return await asyncio.to_thread(self.stack.store.read)
 
-    def alive(self, handle: Handle) -> bool:
-        return self.stack.launcher.alive(handle)
+    async def alive_all(self, records: Mapping[str, InstanceRecord]) -> dict[str, bool]:
+        keys = list(records)
+        handles = [records[k].handle for k in keys]
+        answers = await asyncio.to_thread(alive_many, self.stack.launcher, handles)
+        return dict(zip(keys, answers, strict=True))
 
     async def probe(self, inst: Instance, timeout_s: float) -> health.Health:
         try:

@@ -100,6 +100,17 @@ class Launcher(Protocol):
         ...
 
 
+def alive_many(launcher: Launcher, handles: Sequence[Handle]) -> list[bool]:
+    """:meth:`Launcher.alive` of each handle, in order, in one step.
+
+    A launcher whose question is remote offers ``alive_many(handles)`` and asks about them all
+    at once, with one bounded wait; any other is asked one handle after another."""
+    batched: Callable[[Sequence[Handle]], list[bool]] | None = getattr(launcher, "alive_many", None)
+    if batched is not None:
+        return batched(handles)
+    return [launcher.alive(h) for h in handles]
+
+
 class LocalLauncher:
     """Runs instances on this machine: detached sessions, argv only, one log file per instance."""
 

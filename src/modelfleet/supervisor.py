@@ -65,22 +65,32 @@ class Supervisor:
     # --- the state file -----------------------------------------------------------------
 
     async def sync(self) -> dict[str, InstanceRecord]:
-        """Align instances with the state file: CLI starts and stops, crashes. Returns what it read."""
+        """Align instances with the state file: CLI starts and stops, crashes. Returns what it read.
+
+        The records and their liveness are read off the event loop (a launcher may ask another
+        machine); an instance whose state or process changed meanwhile is left to the next tick."""
+        seen = {inst.key: (inst.state, inst.handle) for inst in self.fleet}
         records = await self.actions.records()
+        ours = {
+            key: rec
+            for key, rec in records.items()
+            if (inst := self.fleet.instances.get(key)) is not None and rec.component == inst.component
+        }
+        live = await self.actions.alive_all(ours) if ours else {}
         for inst in self.fleet:
             if inst.state in BUSY:
                 continue  # an operation of ours owns it
-            rec = records.get(inst.key)
-            mine = rec is not None and rec.component == inst.component
-            alive = mine and rec is not None and self.actions.alive(rec.handle)
-            if alive and rec is not None:
+            if (inst.state, inst.handle) != seen.get(inst.key):
+                continue  # changed while the records were read: what they say may be older
+            rec = ours.get(inst.key)
+            if rec is not None and live.get(inst.key, False):
                 if inst.state is State.FAILED:
                     self.fleet.move(inst, State.STOPPED, "started again outside the front door")
                 if inst.state is State.STOPPED:
                     self.fleet.adopt(inst, rec.handle, "adopted; waiting for a health probe")
                 else:
                     inst.handle = rec.handle  # a CLI reload may have replaced the process
-            elif mine and rec is not None and not rec.stopping and inst.tier is Tier.HOT:
+            elif rec is not None and not rec.stopping and inst.tier is Tier.HOT:
                 if inst.state is not State.FAILED:
                     self.crashed(inst, f"pid {rec.pid} exited")
             elif inst.state in UP:

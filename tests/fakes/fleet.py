@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from modelfleet import memory, warmkv
@@ -52,6 +52,8 @@ class FakeActions:
         self.available = 10 * memory.GB
         self.admissions: list[str] = []
         self.gate: asyncio.Event | None = None  # when set, starts wait for it
+        self.liveness_gate: asyncio.Event | None = None  # when set, liveness answers wait for it
+        self.liveness_asks: list[list[str]] = []  # the keys of each alive_all, in order
         self._pid = 100
         self.kv_saves: list[str] = []
         self.kv_restores: list[str] = []
@@ -112,6 +114,12 @@ class FakeActions:
 
     def alive(self, handle: Handle) -> bool:
         return any((h.pid, h.create_time) == (handle.pid, handle.create_time) for h in self.running.values())
+
+    async def alive_all(self, records: Mapping[str, InstanceRecord]) -> dict[str, bool]:
+        self.liveness_asks.append(sorted(records))
+        if self.liveness_gate is not None:
+            await self.liveness_gate.wait()
+        return {key: self.alive(rec.handle) for key, rec in records.items()}
 
     async def probe(self, inst: Instance, timeout_s: float) -> Health:
         return self.health.get(inst.key, Health.HEALTHY)
