@@ -64,6 +64,25 @@ def test_admin_verbs_go_through_the_owner(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_reload_replaces_a_process_a_cli_started_before_the_front_door_saw_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        router, actions, _ = make_router(tmp_path)
+        await router.start_component("cold", "admin start")
+        inst = router.fleet.instances["server_9005"]
+        # A CLI stopped it (the sync saw that) and started it again with another config; no sync since.
+        await actions.stop(["server_9005"])
+        await router.supervisor.sync()
+        assert inst.state is State.STOPPED
+        await actions.start(["server_9005"])
+        outside = actions.running["server_9005"]
+        await router.reload_component("cold", "admin reload")
+        # The reload ends with a process of its own start, not the adopted outside one.
+        assert actions.replaced == ["server_9005"]
+        assert inst.state is State.READY and inst.handle is not None and inst.handle != outside
+
+    asyncio.run(main())
+
+
 def test_an_admin_start_clears_a_failed_instance_and_its_budget(tmp_path: Path) -> None:
     async def main() -> None:
         router, _, _ = make_router(tmp_path)

@@ -26,8 +26,9 @@ from modelfleet.state import InstanceRecord
 
 
 class Actions(Protocol):
-    async def start(self, keys: Sequence[str]) -> dict[str, Handle]:
-        """Start these instances and wait until they are healthy; raise FleetError if one can't."""
+    async def start(self, keys: Sequence[str], replace: bool = False) -> dict[str, Handle]:
+        """Start these instances and wait until they are healthy; raise FleetError if one can't.
+        With ``replace``, a process already running for a key is stopped first instead of adopted."""
         ...
 
     async def stop(self, keys: Sequence[str]) -> None: ...
@@ -73,8 +74,8 @@ class StackActions:
         self.stack = stack
         self.client = client
 
-    async def start(self, keys: Sequence[str]) -> dict[str, Handle]:
-        await asyncio.to_thread(self.stack.start_instances, keys)
+    async def start(self, keys: Sequence[str], replace: bool = False) -> dict[str, Handle]:
+        await asyncio.to_thread(self.stack.start_instances, keys, replace)
         records = await self.records()
         return {k: records[k].handle for k in keys if k in records}
 

@@ -466,9 +466,12 @@ class FrontDoor:
 
     async def admin_action(self, request: Request) -> Response:
         action, name = request.path_params["action"], request.path_params["name"]
-        verbs = {"start": self.router.start_component, "stop": self.router.stop_component}
-        verbs["reload"] = self.router.reload_component
-        verbs["drain"] = self.router.drain_instance
+        verbs: dict[str, Callable[[str, str], Awaitable[list[Instance]]]] = {
+            "start": self.router.start_component,
+            "stop": self.router.stop_component,
+            "reload": self.router.reload_component,
+            "drain": self.router.drain_instance,
+        }
         verb = verbs.get(action)
         if verb is None:
             raise ApiError(404, f"unknown admin action '{action}'; use start, stop, reload or drain")

@@ -115,15 +115,18 @@ class Capacity:
 
     # --- starting ------------------------------------------------------------------------
 
-    def start(self, component: str, reason: str, include_failed: bool = False) -> asyncio.Task[None] | None:
-        """Start the stopped instances of a component in the background (None: nothing to start)."""
+    def start(
+        self, component: str, reason: str, include_failed: bool = False, replace: bool = False
+    ) -> asyncio.Task[None] | None:
+        """Start the stopped instances of a component in the background (None: nothing to start).
+        With ``replace`` a process found running for one of them (started outside) is replaced."""
         wanted = {State.STOPPED, State.FAILED} if include_failed else {State.STOPPED}
         chosen = [i for i in self.fleet.of(component) if i.state in wanted]
         for inst in chosen:
             self.fleet.move(inst, State.STARTING, reason)
-        return self.fleet.spawn(self._start(chosen, reason)) if chosen else None
+        return self.fleet.spawn(self._start(chosen, reason, replace)) if chosen else None
 
-    async def _start(self, chosen: list[Instance], reason: str) -> None:
+    async def _start(self, chosen: list[Instance], reason: str, replace: bool = False) -> None:
         name = chosen[0].component
         try:
             refusal = await self._admit(chosen[0]) if chosen[0].tier is not Tier.HOT else None
@@ -136,7 +139,7 @@ class Capacity:
             return
         log.info("starting %s (%s)", name, reason)
         try:
-            handles = await self.actions.start([i.key for i in chosen])
+            handles = await self.actions.start([i.key for i in chosen], replace)
         except FleetError as exc:
             log.warning("start of %s failed: %s", name, exc)
             self._give_up(chosen, f"starting {name} failed: {exc}")

@@ -132,13 +132,14 @@ class Router:
         await asyncio.gather(*(self.capacity.drain_and_stop(i, reason, keep_kv) for i in found))
         return found
 
-    async def start_component(self, name: str, reason: str) -> list[Instance]:
-        """Start every stopped (or FAILED: an admin start resets the budget) instance and wait for it."""
+    async def start_component(self, name: str, reason: str, replace: bool = False) -> list[Instance]:
+        """Start every stopped (or FAILED: an admin start resets the budget) instance and wait for it.
+        With ``replace``, a process a CLI started for one of them and not yet adopted is replaced."""
         found = self._component(name)
         for inst in found:
             if inst.state is State.FAILED:
                 inst.restarts.clear()
-        task = self.capacity.start(name, reason, include_failed=True)
+        task = self.capacity.start(name, reason, include_failed=True, replace=replace)
         if task is not None:
             await asyncio.shield(task)  # a caller that gives up does not call off the start
         return found
@@ -159,7 +160,8 @@ class Router:
         self.capacity.coming_back |= keys
         try:
             await self.stop_component(name, reason, keep_kv=True)
-            return await self.start_component(name, reason)
+            # What we drained is gone; a process started outside since our last sync is not ours to keep.
+            return await self.start_component(name, reason, replace=True)
         finally:
             self.capacity.coming_back -= keys
 

@@ -359,11 +359,17 @@ class Stack:
             self._stop_records(chosen)
             return [r.name for r in chosen]
 
-    def start_instances(self, keys: Iterable[str]) -> StartReport:
-        """Start single instances by state key, whatever their component's other replicas do."""
+    def start_instances(self, keys: Iterable[str], replace: bool = False) -> StartReport:
+        """Start single instances by state key, whatever their component's other replicas do.
+
+        A live process already recorded for a key is adopted, unless ``replace``: then it is stopped
+        first, under the same lock (a reload must end with a process of the current config, even if
+        a CLI started one behind the front door's back a moment before)."""
         wanted = set(keys)
         specs = [s for s in self.specs(self.component_names()) if s.key in wanted]
         with self.store.lock():
+            if replace:
+                self._stop_records([r for k, r in self.store.read().items() if k in wanted])
             return self._start_locked(specs)
 
     def restart_crashed(self, key: str) -> bool:

@@ -58,20 +58,24 @@ class FakeActions:
         self.kv_saves: list[str] = []
         self.kv_restores: list[str] = []
         self.kv_verified = True
+        self.replaced: list[str] = []  # keys whose outside-started process a start replaced
 
     def _handle(self, key: str) -> Handle:
         self._pid += 1
         return Handle("local", self._pid, float(self._pid), "", key)
 
-    async def start(self, keys: Sequence[str]) -> dict[str, Handle]:
+    async def start(self, keys: Sequence[str], replace: bool = False) -> dict[str, Handle]:
         self.starts.append(list(keys))
+        if replace:
+            self.replaced.extend(k for k in keys if k in self.running)
         if self.gate is not None:
             await self.gate.wait()
         for k in keys:
             if k in self.fail_start:
                 raise StartupError(self.fail_start[k])
         for k in keys:
-            self.running[k] = self._handle(k)
+            if k not in self.running or replace:  # like Stack: a live process is adopted unless replaced
+                self.running[k] = self._handle(k)
             self.crashed.discard(k)
         return {k: self.running[k] for k in keys}
 
