@@ -177,6 +177,10 @@ def test_placement_follows_memory_and_selectors(
     assert reloaded.returncode == 0, reloaded.stderr
     again = records(stack)["gamma"]
     assert again.pid != recs["gamma"].pid and again.node == nodes.id_of(nodes.head)
+    # This process's launcher still holds the actor it created for gamma, which the reload (another
+    # process) replaced under the same name: liveness finds the new one, asked all at once.
+    handles = [recs["gamma"].handle, again.handle, recs["alpha"].handle, recs["beta"].handle]
+    assert stack.launcher.alive_many(handles) == [False, True, True, True]  # type: ignore[attr-defined]
     assert len(servers_of(tiny_model)) == 3 and sorted(our_actors()) == sorted(r.key for r in recs.values())
     stopped = stack_cli(tmp_path, "stop", "--all")
     assert stopped.returncode == 0, stopped.stderr

@@ -9,7 +9,9 @@ resource its ``node:`` names. The actor spawns the process there through a
 :class:`~modelfleet.launcher.LocalLauncher` (own process group, killed by the kernel if
 the actor dies: ``PR_SET_PDEATHSIG``), records it in the node's pid file, and answers
 for it: alive, exit code, RSS, log tail, stop. Requests go straight to the instance
-over HTTP; the front door routes to it like to any other.
+over HTTP; the front door routes to it like to any other. Actor handles are cached by
+state key, and the liveness of many instances is asked at once
+(:meth:`RayLauncher.alive_many`), with one bounded wait.
 
 :meth:`RayLauncher.place` runs before anything starts: the HOT instances are placed
 together as one placement group (so a HOT set that does not fit is refused whole, with
@@ -178,6 +180,10 @@ class RayLauncher:
         self.resource = cfg.placement.memory_resource
         self.local = LocalLauncher()
         self._placed: dict[str, Any] = {}  # state key -> the actor place() created for it
+        # State key -> its actor's handle, so a question does not look the name up in the GCS each
+        # time. Dropped when the actor is killed or a call finds it gone (another command may have
+        # replaced it under the same name: then it is looked up again once).
+        self._actors: dict[str, Any] = {}
         self._logs = cfg.logs
 
     # --- the cluster ------------------------------------------------------------------
@@ -213,22 +219,45 @@ class RayLauncher:
             if n.get("Alive")
         ]
 
-    def _actor(self, handle: Handle) -> Any | None:
+    def _actor(self, key: str, fresh: bool = False) -> Any | None:
+        """The actor named ``key``: the cached handle, or (``fresh``, or none cached) looked up by name."""
+        if not fresh and (cached := self._actors.get(key)) is not None:
+            return cached
         self.connect()
         try:
-            return ray.get_actor(handle.ref, namespace=self.namespace)
+            actor = ray.get_actor(key, namespace=self.namespace)
         except ValueError:
+            self._actors.pop(key, None)
             return None
+        self._actors[key] = actor
+        return actor
+
+    def _kill(self, key: str, actor: Any) -> None:
+        self._actors.pop(key, None)
+        with contextlib.suppress(Exception):
+            ray.kill(actor)
 
     def _ask(self, handle: Handle, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
         """Call the instance's actor; raise _Lost when it (or its node) is gone."""
-        actor = self._actor(handle)
+        key = handle.ref
+        cached = key in self._actors
+        actor = self._actor(key)
         if actor is None:
-            raise _Lost(f"{handle.label or handle.ref}: no actor {handle.ref!r} in namespace {self.namespace}")
+            raise _Lost(f"{handle.label or key}: no actor {key!r} in namespace {self.namespace}")
         try:
             return ray.get(getattr(actor, method).remote(*args), timeout=timeout)
+        except ray.exceptions.RayActorError as exc:
+            self._actors.pop(key, None)
+            if cached and (now := self._actor(key, fresh=True)) is not None and now != actor:
+                try:  # the cached actor was replaced under the same name: ask the new one
+                    return ray.get(getattr(now, method).remote(*args), timeout=timeout)
+                except _GONE as again:
+                    self._actors.pop(key, None)
+                    raise _Lost(f"{handle.label or key}: its actor is gone ({type(again).__name__})") from again
+            raise _Lost(f"{handle.label or key}: its actor is gone ({type(exc).__name__})") from exc
         except _GONE as exc:
-            raise _Lost(f"{handle.label or handle.ref}: its node does not answer ({type(exc).__name__})") from exc
+            self._actors.pop(key, None)
+            raise _Lost(f"{handle.label or key}: its node does not answer ({type(exc).__name__})") from exc
 
     # --- placement ------------------------------------------------------------------------
 
@@ -262,6 +291,7 @@ class RayLauncher:
                 actor = self._create(spec, requests[spec.key], pins.get(spec.key))
                 created.append(actor)
                 self._placed[spec.key] = actor
+                self._actors[spec.key] = actor
             problems = self._check_nodes(remote, requests, nodes)
             if problems:
                 raise StartupError(
@@ -270,6 +300,7 @@ class RayLauncher:
         except BaseException:
             for spec in remote:
                 self._placed.pop(spec.key, None)
+                self._actors.pop(spec.key, None)
             for actor in created:
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
@@ -322,14 +353,12 @@ class RayLauncher:
     def _release(self, key: str) -> None:
         """Kill an earlier actor of this instance (its process is dead or stale) and wait for its name."""
         self._placed.pop(key, None)
-        h = Handle("ray", 0, 0.0, ref=key)
-        actor = self._actor(h)
+        actor = self._actor(key, fresh=True)
         if actor is None:
             return
-        with contextlib.suppress(Exception):
-            ray.kill(actor)
+        self._kill(key, actor)
         deadline = time.monotonic() + NAME_FREE_TIMEOUT_S
-        while self._actor(h) is not None:
+        while self._actor(key, fresh=True) is not None:
             if time.monotonic() > deadline:
                 raise StartupError(f"Ray actor {key!r} does not go away; check `ray list actors`")
             time.sleep(0.1)
@@ -418,12 +447,10 @@ class RayLauncher:
         try:
             info = ray.get(actor.spawn.remote(spec, self._logs), timeout=CALL_TIMEOUT_S + spec.health_timeout_s)
         except ray.exceptions.RayTaskError as exc:
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+            self._kill(spec.key, actor)
             raise StartupError(f"{spec.label}: {exc.cause if exc.cause else exc}") from exc
         except ray.exceptions.RayError as exc:
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+            self._kill(spec.key, actor)
             raise StartupError(f"{spec.label}: its Ray actor failed: {exc}") from exc
         node, address = info["node_id"], info["address"]
         return Handle(node, info["pid"], info["create_time"], spec.log_file, spec.label, spec.key, address)
@@ -435,6 +462,55 @@ class RayLauncher:
             return bool(self._ask(handle, "alive", handle.pid, handle.create_time))
         except _Lost:
             return False
+
+    def alive_many(self, handles: Sequence[Handle]) -> list[bool]:
+        """:meth:`alive` of each handle: every actor asked at once, then one wait of at most CALL_TIMEOUT_S.
+
+        An actor that does not answer in time (its node is lost) counts as dead. A cached actor
+        found dead may have been replaced under its name by another command: those are looked up
+        again and asked once more, within the same deadline."""
+        out = [False] * len(handles)
+        remote: dict[int, Handle] = {}
+        for i, h in enumerate(handles):
+            if h.ref:
+                remote[i] = h
+            else:
+                out[i] = self.local.alive(h)
+        if not remote:
+            return out
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        stale = self._ask_alive(remote, out, deadline, fresh=False)
+        if stale:
+            self._ask_alive(stale, out, max(deadline, time.monotonic() + 1.0), fresh=True)
+        return out
+
+    def _ask_alive(self, asked: dict[int, Handle], out: list[bool], deadline: float, fresh: bool) -> dict[int, Handle]:
+        """Ask the actors of ``asked`` at once and fill ``out``; return those whose cached actor was dead."""
+        calls: dict[int, tuple[Any, bool]] = {}  # index -> (object ref, whether the actor came from the cache)
+        for i, h in asked.items():
+            cached = not fresh and h.ref in self._actors
+            actor = self._actor(h.ref, fresh=fresh)
+            if actor is not None:
+                calls[i] = (actor.alive.remote(h.pid, h.create_time), cached)
+        if not calls:
+            return {}
+        refs = [ref for ref, _ in calls.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+        done = set(ready)
+        stale: dict[int, Handle] = {}
+        for i, (ref, cached) in calls.items():
+            if ref not in done:
+                self._actors.pop(asked[i].ref, None)  # no answer in time: its node is lost (or slow)
+                continue
+            try:
+                out[i] = bool(ray.get(ref, timeout=0))
+            except ray.exceptions.RayActorError:
+                self._actors.pop(asked[i].ref, None)
+                if cached:
+                    stale[i] = asked[i]
+            except _GONE:
+                self._actors.pop(asked[i].ref, None)
+        return stale
 
     def exit_code(self, handle: Handle) -> int | None:
         if not handle.ref:
@@ -452,7 +528,8 @@ class RayLauncher:
         local = [h for h in handles if not h.ref]
         if local:
             self.local.stop(local, grace_s, say)
-        remote = [(h, a) for h in handles if h.ref and (a := self._actor(h)) is not None]
+        # Looked up afresh: a cached handle may name an actor another command has since replaced.
+        remote = [(h, a) for h in handles if h.ref and (a := self._actor(h.ref, fresh=True)) is not None]
         refs = [(h, a, a.stop.remote(grace_s)) for h, a in remote]
         for h, actor, ref in refs:
             try:
@@ -460,22 +537,19 @@ class RayLauncher:
                     say(line)
             except ray.exceptions.RayError as exc:
                 say(f"{h.label or h.ref}: its node did not answer the stop ({type(exc).__name__}); its actor is killed")
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+            self._kill(h.ref, actor)
 
     def discard_placed(self) -> None:
         """Kill the actors placed for instances a failed start never spawned."""
-        for actor in self._placed.values():
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+        for key, actor in self._placed.items():
+            self._kill(key, actor)
         self._placed.clear()
 
     def release(self, handles: Sequence[Handle]) -> None:
         """Kill the actors of instances that are forgotten (stopped or found dead): they hold node resources."""
         for h in handles:
-            if h.ref and (actor := self._actor(h)) is not None:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
+            if h.ref and (actor := self._actor(h.ref, fresh=True)) is not None:
+                self._kill(h.ref, actor)
 
     def rss(self, handle: Handle) -> int:
         if not handle.ref:
