@@ -12,12 +12,13 @@ from fakes.fleet import make_router, settle
 from modelfleet import upstream
 from modelfleet.actions import StackActions
 from modelfleet.config import load_config
+from modelfleet.errors import StartupError
 from modelfleet.health import Health
 from modelfleet.instance import Handle
 from modelfleet.lifecycle import State
 from modelfleet.stack import Stack
 from modelfleet.state import InstanceRecord
-from modelfleet.supervisor import backoff_delay
+from modelfleet.supervisor import backoff_delay, gist
 
 
 def test_backoff_doubles_from_the_initial_delay_up_to_the_cap() -> None:
@@ -267,3 +268,11 @@ def test_stack_actions_ask_the_launcher_off_the_loop_and_in_one_call_when_it_can
         assert launcher.asked == calls
         assert threading.get_ident() not in launcher.threads, "asked on the event loop's thread"
         assert ticks >= 10, f"the event loop ran only {ticks} times while the launcher answered"
+
+
+def test_a_failed_restart_is_told_by_its_reason_not_only_its_heading() -> None:
+    heading = "the Ray cluster cannot hold these instances; nothing was started:"
+    assert gist(StartupError(f"{heading}\n  servers.a.node: no node has the labels zone=a\nRay cluster: ...")) == (
+        f"{heading} servers.a.node: no node has the labels zone=a"
+    )
+    assert gist(StartupError("a exited with code 1 while loading\nlog tail")) == "a exited with code 1 while loading"

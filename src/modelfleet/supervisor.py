@@ -40,6 +40,13 @@ def backoff_delay(recent_restarts: int, initial_s: float, max_s: float) -> float
     return float(min(initial_s * 2**recent_restarts, max_s))
 
 
+def gist(exc: Exception) -> str:
+    """A multi-line error in one line: its first, and the one after when the first ends in ':'
+    (``nothing was started:`` is followed by the reason)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 class Supervisor:
     def __init__(
         self,
@@ -133,7 +140,7 @@ class Supervisor:
             handle = await self.actions.restart(inst.key)
         except FleetError as exc:
             log.warning("restart of %s failed: %s", inst.name, exc)
-            self.crashed(inst, f"restart failed: {str(exc).splitlines()[0]}")
+            self.crashed(inst, f"restart failed: {gist(exc)}")
             return
         if handle is None:
             self.fleet.move(inst, State.STOPPED, "stopped on purpose while it was down")
