@@ -1,9 +1,9 @@
 """``placement: ray`` on a real Ray cluster on this machine: a head and two workers, each with its RAM.
 
 One cluster for the module (it takes ~15 s to start on 2 cores): the head declares
-1 GB of ``ram_gb``, worker A 2 GB and the ``big_box`` resource, worker B 2 GB. Servers
-declare ``ram_gb`` so where they fit is known. The node-loss test removes worker A, so
-it runs last.
+1 GB of ``ram_gb`` and the label ``zone=h``, worker A 2 GB, the ``big_box`` resource and
+``zone=a``, worker B 2 GB and ``zone=b``. Servers declare ``ram_gb`` so where they fit is
+known. The node-loss test removes a worker, so it runs last.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 OBJECT_STORE = 80 * 1024 * 1024  # the smallest Ray accepts: these nodes hold no objects
 FAST_MONITOR = "monitor: {interval_s: 0.3, failures_to_eject: 2, backoff_initial_s: 0.2}\n"
+COMMON: dict[str, Any] = {"num_cpus": 2, "object_store_memory": OBJECT_STORE}
+WORKER_A: dict[str, Any] = {"resources": {"ram_gb": 2, "big_box": 1}, "labels": {"zone": "a"}}
+WORKER_B: dict[str, Any] = {"resources": {"ram_gb": 2}, "labels": {"zone": "b"}}
 
 
 class Nodes:
@@ -49,19 +52,19 @@ class Nodes:
 
 @pytest.fixture(scope="module")
 def nodes() -> Iterator[Nodes]:
-    common = {"num_cpus": 2, "object_store_memory": OBJECT_STORE}
     cluster = cluster_utils.Cluster(
         initialize_head=True,
         head_node_args={
-            **common,
+            **COMMON,
             "resources": {"ram_gb": 1},
+            "labels": {"zone": "h"},
             # A lost node is noticed in about a second, not the default half minute.
             "_system_config": {"health_check_period_ms": 300, "health_check_failure_threshold": 3},
         },
     )
     try:
-        a = cluster.add_node(**common, resources={"ram_gb": 2, "big_box": 1})
-        b = cluster.add_node(**common, resources={"ram_gb": 2})
+        a = cluster.add_node(**COMMON, **WORKER_A)
+        b = cluster.add_node(**COMMON, **WORKER_B)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         yield Nodes(cluster, cluster.head_node, a, b)
@@ -77,11 +80,13 @@ def _is_ray_daemon(p: psutil.Process, cluster: Any) -> bool:
     return ("raylet" in cmd or "gcs_server" in cmd) and str(cluster.address).split(":")[-1] in cmd
 
 
-def stack_yaml(nodes: Nodes, servers: str, api_port: int | None = None, extra: str = "") -> str:
+def stack_yaml(
+    nodes: Nodes, servers: str, api_port: int | None = None, extra: str = "", monitor: str = FAST_MONITOR
+) -> str:
     api = f"api: {{port: {api_port}}}\n" if api_port else "api: {enabled: false}\n"
     return (
         f"name: raytest\nplacement: {{kind: ray, address: '{nodes.address}', place_timeout_s: 3}}\n"
-        + FAST_MONITOR
+        + monitor
         + extra
         + api
         + "servers:\n"
@@ -219,14 +224,20 @@ def test_too_big_for_any_node_and_missing_files_are_named(nodes: Nodes, ray_stac
 def test_plan_shows_the_tree_per_node_and_the_placement(nodes: Nodes, tmp_path: Path, tiny_model: Path) -> None:
     pa, pb = free_ports(2)
     (tmp_path / "stack.yaml").write_text(
-        stack_yaml(nodes, srv("alpha", tiny_model, pa, 1.5, node="big_box") + srv("beta", tiny_model, pb, 1.5))
+        stack_yaml(
+            nodes,
+            srv("alpha", tiny_model, pa, 1.5, node="big_box")
+            + srv("beta", tiny_model, pb, 0.5, node="{labels: {zone: b}}"),
+        )
     )
     shown = stack_cli(tmp_path, "plan")
     assert shown.returncode == 0, shown.stdout + shown.stderr
     text = shown.stdout
     assert "Ray cluster: 3 node(s)" in text and "✓ the 2 HOT instance(s) fit" in text
     a_line = next(line for line in text.splitlines() if nodes.id_of(nodes.a)[:8] in line)
-    assert "2 GB (ram_gb), HOT 1.5 GB" in a_line
+    assert "2 GB (ram_gb), HOT 1.5 GB" in a_line and a_line.endswith("; labels: zone=a")
+    b_part = text.split(nodes.id_of(nodes.b)[:8], 1)[1]
+    assert "labels: zone=b" in b_part.splitlines()[0] and "beta (:" in b_part and "; labels zone=b" in b_part
     assert "alpha (:" in text.split(nodes.id_of(nodes.a)[:8], 1)[1].split("node ", 1)[0]
     (tmp_path / "stack.yaml").write_text(
         stack_yaml(
@@ -236,6 +247,49 @@ def test_plan_shows_the_tree_per_node_and_the_placement(nodes: Nodes, tmp_path: 
     refused = stack_cli(tmp_path, "plan")
     assert refused.returncode == 6 and "do not fit on the Ray cluster together" in refused.stdout
     assert our_actors() == []
+
+
+def test_placement_follows_node_labels(nodes: Nodes, ray_stack: StackOf, tiny_model: Path) -> None:
+    ph, pb, pe, pw, p1, p2 = free_ports(6)
+    # Left to Ray, each pair (0.4 GB each) would be packed on one node: the labels part them.
+    stack = ray_stack(
+        stack_yaml(
+            nodes,
+            srv("home", tiny_model, ph, 0.4, node="{labels: {zone: h}}")
+            + srv("away", tiny_model, pb, 0.4, node="{labels: {zone: '!in(h, a)'}}")
+            + srv("east", tiny_model, pe, 0.4, tier="warm", node="{labels: {zone: a}}")
+            + srv("west", tiny_model, pw, 0.4, tier="warm", node="{labels: {zone: 'in(b, c)'}}"),
+        )
+    )
+    stack.start(stack.select())  # the HOT set: one placement group, a label selector per bundle
+    stack.start(["east", "west"])  # WARM: each an actor of its own, with its label selector
+    recs = records(stack)
+    assert recs["home"].node == nodes.id_of(nodes.head)
+    assert recs["away"].node == nodes.id_of(nodes.b)
+    assert recs["east"].node == nodes.id_of(nodes.a)
+    assert recs["west"].node == nodes.id_of(nodes.b)
+    assert sorted(our_actors()) == sorted(r.key for r in recs.values()) and len(servers_of(tiny_model)) == 4
+    stack.stop()
+
+    # Labels no node has are refused before anything starts, naming the key and showing the nodes' labels.
+    lost = ray_stack(stack_yaml(nodes, srv("lost", tiny_model, p1, 0.5, node="{labels: {zone: x}}")))
+    with pytest.raises(StartupError) as err:
+        lost.start(lost.select())
+    assert "servers.lost.node: no node has the labels zone=x" in str(err.value)
+    assert "labels: zone=a" in str(err.value) and "ray start --labels" in str(err.value)
+    # Two HOT instances that each fit the head but not together: the group is refused whole. (Ray
+    # would put them on A and B if the bundles did not carry their label selectors.)
+    pair = ray_stack(
+        stack_yaml(
+            nodes,
+            srv("h1", tiny_model, p1, 0.6, node="{labels: {zone: h}}")
+            + srv("h2", tiny_model, p2, 0.6, node="{labels: {zone: h}}"),
+        )
+    )
+    with pytest.raises(StartupError, match="do not fit on the Ray cluster together; nothing was started") as err:
+        pair.start(pair.select())
+    assert "h1 (:" in str(err.value) and "0.6 ram_gb; labels zone=h" in str(err.value)
+    assert servers_of(tiny_model) == [] and our_actors() == [] and pair.store.read() == {}
 
 
 def test_a_new_actor_kills_the_leftover_its_node_recorded(tmp_path: Path) -> None:

@@ -27,7 +27,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
@@ -172,6 +174,81 @@ class Embeddings(Strict):
     pooling: Pooling | None = None
 
 
+# Node labels as Ray reads them (Kubernetes label syntax): a key is an optional DNS prefix and '/',
+# then a name; a name or value is at most 63 letters, digits, '-', '_' or '.', starting and ending
+# with a letter or digit.
+_LABEL_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"(?=[^/]{{1,253}}/)?(?:{_LABEL_NAME}(?:\.{_LABEL_NAME})*/)?{_LABEL_NAME}")
+# A selector value: `value`, `!value` (any other), `in(a, b)`, `!in(a, b)` (Ray's own grammar).
+_LABEL_SELECTOR = re.compile(rf"!?{_LABEL_NAME}|!?(?:in)?\({_LABEL_NAME}(?:, ?{_LABEL_NAME})*\)")
+_LABEL_HELP = "a value, '!value' (any other value), 'in(a, b)' or '!in(a, b)'"
+_NAME_HELP = "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+
+
+def _label_key(v: str) -> str:
+    if not _LABEL_KEY.fullmatch(v):
+        raise ValueError(f"not a node label name: {_NAME_HELP}, after an optional prefix like 'example.com/'")
+    return v
+
+
+def _label_text(v: Any) -> Any:
+    if isinstance(v, bool | float):  # YAML's true/on/1.0 would not read back as written
+        raise ValueError("YAML reads this as a number or true/false, not text: put the label value in quotes")
+    return str(v) if isinstance(v, int) else v
+
+
+def _label_selector(v: str) -> str:
+    if not _LABEL_SELECTOR.fullmatch(v):
+        raise ValueError(f"not a label selector: give {_LABEL_HELP}, each value {_NAME_HELP}")
+    return v
+
+
+LabelKey = Annotated[str, AfterValidator(_label_key)]
+LabelSelector = Annotated[str, BeforeValidator(_label_text), AfterValidator(_label_selector)]
+
+
+class NodeSelector(Strict):
+    """Where the instances of a component may run with ``placement: ray``.
+
+    ``node: big_box`` is short for ``node: {resource: big_box}``: a Ray resource the node
+    must have (``ray start --resources '{"big_box": 1}'``, or ``node:<ip>``).
+    ``labels`` are node labels it must match (``ray start --labels zone=a,disk=ssd``), each
+    with Ray's label selector syntax: ``zone: a``, ``zone: '!a'``, ``zone: in(a, b)``.
+    """
+
+    resource: str | None = Field(default=None, min_length=1, max_length=256)
+    labels: dict[LabelKey, LabelSelector] = Field(default_factory=dict, max_length=64)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> NodeSelector:
+        if self.resource is None and not self.labels:
+            raise ValueError("give 'resource' (a Ray resource the node must have), 'labels' (node labels), or both")
+        return self
+
+    def describe(self) -> str:
+        """``big_box``, ``labels zone=a``, ``big_box, labels zone=a, disk=ssd``."""
+        parts = [self.resource] if self.resource else []
+        if self.labels:
+            parts.append("labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
+        return ", ".join(parts)
+
+
+def _node_selector(v: Any) -> Any:
+    """``node: NAME`` (a Ray resource) is short for ``node: {resource: NAME}``."""
+    if isinstance(v, str):
+        if not v:
+            raise ValueError(
+                "must name a Ray resource (node: big_box) or be a mapping (node: {labels: {zone: a}}), not empty"
+            )
+        return {"resource": v}
+    if v is not None and not isinstance(v, dict | NodeSelector):
+        raise ValueError(
+            "must name a Ray resource (node: big_box) or be a mapping of 'resource' and 'labels' "
+            f"(node: {{labels: {{zone: a}}}}), not a {type(v).__name__}"
+        )
+    return v
+
+
 class Component(Strict):
     """What llama-server servers and auxiliary services have in common."""
 
@@ -185,9 +262,9 @@ class Component(Strict):
     health_timeout_s: Timeout | None = None
     cooldown_s: Annotated[float, Range(0, 600, " seconds")] = 0.0
     ram_gb: Gigabytes | None = None
-    # With `placement: ray`: a Ray resource the node must have (`ray start --resources '{"gpu_box": 1}'`,
-    # or `node:<ip>`), and custom Ray resources each instance holds.
-    node: str | None = Field(default=None, min_length=1, max_length=256)
+    # With `placement: ray`: where it may run (a Ray resource the node must have, node labels it must
+    # match; see NodeSelector), and custom Ray resources each instance holds.
+    node: Annotated[NodeSelector | None, BeforeValidator(_node_selector)] = None
     resources: dict[str, Annotated[float, Range(0, MAX_COUNT)]] = Field(default_factory=dict)
 
     @field_validator("host")

@@ -5,17 +5,19 @@ Ray is only the control plane. Each instance gets one detached, named actor
 namespace) on a node with room for it: the actor asks for the instance's memory
 estimate as the custom resource the nodes declare their RAM in (``ram_gb`` by default,
 ``ray start --resources '{"ram_gb": 64}'``), plus the component's ``resources:`` and the
-resource its ``node:`` names. The actor spawns the process there through a
-:class:`~modelfleet.launcher.LocalLauncher` (own process group, killed by the kernel if
-the actor dies: ``PR_SET_PDEATHSIG``), records it in the node's pid file, and answers
-for it: alive, exit code, RSS, log tail, stop. Requests go straight to the instance
-over HTTP; the front door routes to it like to any other. Actor handles are cached by
-state key, and the liveness of many instances is asked at once
-(:meth:`RayLauncher.alive_many`), with one bounded wait.
+resource its ``node:`` names, and goes only to a node whose labels match the ``labels``
+of its ``node:`` (``ray start --labels zone=a``; Ray's ``label_selector``). The actor
+spawns the process there through a :class:`~modelfleet.launcher.LocalLauncher` (own
+process group, killed by the kernel if the actor dies: ``PR_SET_PDEATHSIG``), records it
+in the node's pid file, and answers for it: alive, exit code, RSS, log tail, stop.
+Requests go straight to the instance over HTTP; the front door routes to it like to any
+other. Actor handles are cached by state key, and the liveness of many instances is
+asked at once (:meth:`RayLauncher.alive_many`), with one bounded wait.
 
 :meth:`RayLauncher.place` runs before anything starts: the HOT instances are placed
-together as one placement group (so a HOT set that does not fit is refused whole, with
-the nodes' resources), then one actor per instance is created where Ray put it, and
+together as one placement group, each bundle with its instance's label selector
+(``bundle_label_selector``), so a HOT set that does not fit is refused whole, with the
+nodes' resources and labels; then one actor per instance is created where Ray put it, and
 each actor checks its node for the model files, the program and the port.
 
 The front door itself (the ``orchestrator`` component) always runs on this machine.
@@ -31,7 +33,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,18 @@ _Keeper = ray.remote(num_cpus=0, max_restarts=0)(NodeKeeper)
 
 
 @dataclass(frozen=True)
+class Ask:
+    """What one instance asks of the node it runs on: Ray resources to hold, node labels to match."""
+
+    resources: dict[str, float]
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        text = _fmt_request(self.resources)
+        return f"{text}; labels {_fmt_labels(self.labels)}" if self.labels else text
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     """A node of the cluster as the plan shows it."""
 
@@ -163,6 +177,7 @@ class NodeInfo:
     address: str
     total: dict[str, float]
     available: dict[str, float]
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def short(self) -> str:
@@ -214,7 +229,13 @@ class RayLauncher:
         with contextlib.suppress(Exception):
             avail = ray._private.state.available_resources_per_node()  # type: ignore[no-untyped-call]
         return [
-            NodeInfo(n["NodeID"], n["NodeManagerAddress"], dict(n["Resources"]), dict(avail.get(n["NodeID"], {})))
+            NodeInfo(
+                n["NodeID"],
+                n["NodeManagerAddress"],
+                dict(n["Resources"]),
+                dict(avail.get(n["NodeID"], {})),
+                {str(k): str(v) for k, v in (n.get("Labels") or {}).items()},
+            )
             for n in ray.nodes()  # type: ignore[no-untyped-call]
             if n.get("Alive")
         ]
@@ -262,7 +283,7 @@ class RayLauncher:
     # --- placement ------------------------------------------------------------------------
 
     def request(self, cfg: StackConfig, spec: InstanceSpec) -> dict[str, float]:
-        """The Ray resources one instance holds: its memory estimate, its resources, its node selector."""
+        """The Ray resources one instance holds: its memory estimate, its resources, its node's resource."""
         comp = cfg.components().get(spec.component)
         est = memory.estimate_bytes(cfg, spec.component)
         out: dict[str, float] = {}
@@ -270,9 +291,16 @@ class RayLauncher:
             out[self.resource] = math.ceil(est / memory.GB * 1000) / 1000
         if comp is not None:
             out |= comp.resources
-            if comp.node:
-                out[comp.node] = max(out.get(comp.node, 0.0), MIN_RESOURCE)
+            if comp.node is not None and comp.node.resource:
+                name = comp.node.resource
+                out[name] = max(out.get(name, 0.0), MIN_RESOURCE)
         return {k: v for k, v in out.items() if v > 0}
+
+    def ask(self, cfg: StackConfig, spec: InstanceSpec) -> Ask:
+        """What one instance asks of its node: :meth:`request`, and the node labels its ``node:`` selects."""
+        comp = cfg.components().get(spec.component)
+        labels = dict(comp.node.labels) if comp is not None and comp.node is not None else {}
+        return Ask(self.request(cfg, spec), labels)
 
     def place(self, specs: Sequence[InstanceSpec], cfg: StackConfig) -> None:
         """Find a node for each instance and check it there; raise StartupError, nothing started, if any can't."""
@@ -280,19 +308,19 @@ class RayLauncher:
         if not remote:
             return
         nodes = self.nodes()
-        requests = {s.key: self.request(cfg, s) for s in remote}
-        self._check_declared(cfg, remote, requests, nodes)
+        asks = {s.key: self.ask(cfg, s) for s in remote}
+        self._check_declared(cfg, remote, asks, nodes)
         hot = [s for s in remote if s.tier is Tier.HOT]
-        pins = self._place_group(hot, requests, nodes) if hot else {}
+        pins = self._place_group(hot, asks, nodes) if hot else {}
         created: list[Any] = []
         try:
             for spec in remote:
                 self._release(spec.key)
-                actor = self._create(spec, requests[spec.key], pins.get(spec.key))
+                actor = self._create(spec, asks[spec.key], pins.get(spec.key))
                 created.append(actor)
                 self._placed[spec.key] = actor
                 self._actors[spec.key] = actor
-            problems = self._check_nodes(remote, requests, nodes)
+            problems = self._check_nodes(remote, asks, nodes)
             if problems:
                 raise StartupError(
                     f"{len(problems)} problem(s) on the Ray nodes; nothing was started:\n" + "\n".join(problems)
@@ -307,38 +335,47 @@ class RayLauncher:
             raise
 
     def _check_declared(
-        self,
-        cfg: StackConfig,
-        specs: Sequence[InstanceSpec],
-        requests: dict[str, dict[str, float]],
-        nodes: list[NodeInfo],
+        self, cfg: StackConfig, specs: Sequence[InstanceSpec], asks: dict[str, Ask], nodes: list[NodeInfo]
     ) -> None:
+        """Refuse what no node of the cluster could ever hold: labels no node has, more than any node has."""
         problems = []
         for spec in specs:
-            for name, amount in requests[spec.key].items():
-                if not any(n.total.get(name, 0.0) >= amount for n in nodes):
-                    key = f"{'servers' if spec.kind is Kind.LLAMA_SERVER else 'services'}.{spec.component}"
+            ask = asks[spec.key]
+            key = f"{'servers' if spec.kind is Kind.LLAMA_SERVER else 'services'}.{spec.component}"
+            fit = [n for n in nodes if label_match(n.labels, ask.labels)]
+            if not fit:
+                problems.append(f"  {key}.node: no node has the labels {_fmt_labels(ask.labels)}")
+                continue
+            among = f" with the labels {_fmt_labels(ask.labels)}" if ask.labels else ""
+            for name, amount in ask.resources.items():
+                if not any(n.total.get(name, 0.0) >= amount for n in fit):
                     what = "memory estimate" if name == self.resource and name not in _own(cfg, spec) else "request"
-                    problems.append(f"  {key}: no node has {amount:g} {name} (its {what})")
+                    problems.append(f"  {key}: no node{among} has {amount:g} {name} (its {what})")
         if problems:
+            hint = f"declare each node's RAM with `ray start --resources '{{\"{self.resource}\": GB}}'`"
+            if any(asks[s.key].labels for s in specs):
+                hint += " and its labels with `ray start --labels zone=a,disk=ssd`"
             raise StartupError(
                 "the Ray cluster cannot hold these instances; nothing was started:\n"
                 + "\n".join(problems)
                 + "\n"
                 + self.render_nodes(nodes)
-                + f"\ndeclare each node's RAM with `ray start --resources '{{\"{self.resource}\": GB}}'`"
+                + "\n"
+                + hint
             )
 
-    def _place_group(
-        self, hot: Sequence[InstanceSpec], requests: dict[str, dict[str, float]], nodes: list[NodeInfo]
-    ) -> dict[str, str]:
-        """Place the HOT set as one placement group: where Ray puts each bundle, or a refusal."""
+    def _place_group(self, hot: Sequence[InstanceSpec], asks: dict[str, Ask], nodes: list[NodeInfo]) -> dict[str, str]:
+        """Place the HOT set as one placement group: where Ray puts each bundle, or a refusal.
+
+        Each bundle carries its instance's label selector (``bundle_label_selector``), so a HOT
+        instance with ``node: {labels: ...}`` is placed on a matching node as part of the set."""
         # A bundle may not be empty: an instance of unknown size takes a token of the memory resource.
-        bundles = [requests[s.key] or {self.resource: MIN_RESOURCE} for s in hot]
-        pg = placement_group(bundles, strategy="PACK")
+        bundles = [asks[s.key].resources or {self.resource: MIN_RESOURCE} for s in hot]
+        selectors = [asks[s.key].labels for s in hot]
+        pg = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors if any(selectors) else None)
         try:
             if not pg.wait(self.placement.place_timeout_s):
-                lines = [f"  {s.label}: {_fmt_request(requests[s.key])}" for s in hot]
+                lines = [f"  {s.label}: {asks[s.key].describe()}" for s in hot]
                 raise StartupError(
                     "the HOT instances do not fit on the Ray cluster together; nothing was started:\n"
                     + "\n".join(lines)
@@ -363,20 +400,20 @@ class RayLauncher:
                 raise StartupError(f"Ray actor {key!r} does not go away; check `ray list actors`")
             time.sleep(0.1)
 
-    def _create(self, spec: InstanceSpec, request: dict[str, float], node_id: str | None) -> Any:
+    def _create(self, spec: InstanceSpec, ask: Ask, node_id: str | None) -> Any:
         options: dict[str, Any] = {
             "name": spec.key,
             "namespace": self.namespace,
             "lifetime": "detached",
-            "resources": request,
+            "resources": ask.resources,
         }
+        if ask.labels:
+            options["label_selector"] = dict(ask.labels)
         if node_id:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
         return _Keeper.options(**options).remote(spec.key, self.namespace)
 
-    def _check_nodes(
-        self, specs: Sequence[InstanceSpec], requests: dict[str, dict[str, float]], nodes: list[NodeInfo]
-    ) -> list[str]:
+    def _check_nodes(self, specs: Sequence[InstanceSpec], asks: dict[str, Ask], nodes: list[NodeInfo]) -> list[str]:
         refs = {s.key: self._placed[s.key].check.remote(s) for s in specs}
         problems: list[str] = []
         # Room is found within place_timeout_s; a new actor's worker process takes a while to start besides.
@@ -386,7 +423,7 @@ class RayLauncher:
                 problems += ray.get(refs[spec.key], timeout=max(0.1, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
                 problems.append(
-                    f"  {spec.label}: no node has room for {_fmt_request(requests[spec.key])} now "
+                    f"  {spec.label}: no node has room for {asks[spec.key].describe()} now "
                     f"(waited {self.placement.place_timeout_s:g} s)\n" + self.render_nodes(nodes)
                 )
             except ray.exceptions.RayError as exc:
@@ -394,16 +431,16 @@ class RayLauncher:
         return problems
 
     def plan_placement(self, specs: Sequence[InstanceSpec], cfg: StackConfig) -> tuple[str, bool]:
-        """The tree per node (its RAM from Ray's resources) with where the HOT instances would go; fits or not.
+        """The tree per node (its RAM from Ray's resources, its labels) with where the HOT instances would go.
 
         Ray decides, as a start would: the HOT set is offered as a placement group, then released.
         """
         remote = [s for s in specs if s.kind is not Kind.API and s.tier is Tier.HOT]
         nodes = self.nodes()
-        requests = {s.key: self.request(cfg, s) for s in remote}
+        asks = {s.key: self.ask(cfg, s) for s in remote}
         try:
-            self._check_declared(cfg, remote, requests, nodes)
-            pins = self._place_group(remote, requests, nodes) if remote else {}
+            self._check_declared(cfg, remote, asks, nodes)
+            pins = self._place_group(remote, asks, nodes) if remote else {}
         except StartupError as exc:
             return f"✗ {exc}", False
         lines = [f"Ray cluster: {len(nodes)} node(s), RAM from the {self.resource!r} resource; HOT placement:"]
@@ -411,19 +448,20 @@ class RayLauncher:
             last = i == len(nodes) - 1
             total = n.total.get(self.resource, 0.0)
             here = [s for s in remote if pins.get(s.key) == n.node_id]
-            used = sum(requests[s.key].get(self.resource, 0.0) for s in here)
+            used = sum(asks[s.key].resources.get(self.resource, 0.0) for s in here)
             head = f"node {n.short}: {total:g} GB ({self.resource})"
             if here:
                 head += f", HOT {used:g} GB, {n.available.get(self.resource, 0.0) - used:g} GB free after"
+            head += _node_labels(n)
             lines.append(("└── " if last else "├── ") + head)
-            items = [f"{s.label}: {_fmt_request(requests[s.key])}" for s in here]
+            items = [f"{s.label}: {asks[s.key].describe()}" for s in here]
             lines += _tree(items, "    " if last else "│   ")
         placed = len([s for s in remote if s.key in pins])
         lines.append(f"✓ the {placed} HOT instance(s) fit; WARM ones are placed on demand where there is room")
         return "\n".join(lines), True
 
     def render_nodes(self, nodes: list[NodeInfo] | None = None) -> str:
-        """The cluster as a tree: each node's RAM (its memory resource) and the stack's instances on it."""
+        """The cluster as a tree: each node's RAM (its memory resource), its other resources and its labels."""
         nodes = self.nodes() if nodes is None else nodes
         lines = [f"Ray cluster: {len(nodes)} node(s), RAM from the {self.resource!r} resource"]
         for i, n in enumerate(nodes):
@@ -433,7 +471,7 @@ class RayLauncher:
             ram = f"{total:g} GB, {free:g} GB free" if total is not None else f"no {self.resource!r} resource"
             extra = sorted(k for k in n.total if not _builtin_resource(k) and k != self.resource)
             more = f"; resources: {', '.join(extra)}" if extra else ""
-            lines.append(f"{'└── ' if last else '├── '}node {n.short}: {ram}{more}")
+            lines.append(f"{'└── ' if last else '├── '}node {n.short}: {ram}{more}{_node_labels(n)}")
         return "\n".join(lines)
 
     # --- the Launcher protocol ------------------------------------------------------------
@@ -632,6 +670,36 @@ def _own(cfg: StackConfig, spec: InstanceSpec) -> dict[str, float]:
 
 def _builtin_resource(name: str) -> bool:
     return name in ("CPU", "GPU", "memory", "object_store_memory") or name.startswith("node:")
+
+
+def label_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    """Whether a node with ``labels`` matches a label ``selector`` (``a``, ``!a``, ``in(a, b)``, ``!in(a, b)``).
+
+    As Ray reads it; a negative term also matches a node without the label. Only used to refuse early
+    what no node could take and to show the plan: Ray itself places."""
+    for key, term in selector.items():
+        negate = term.startswith("!")
+        body = term[1:] if negate else term
+        if body.startswith("in(") or body.startswith("("):
+            wanted = {v.strip() for v in body[body.index("(") + 1 : -1].split(",")}
+        else:
+            wanted = {body}
+        has = labels.get(key) in wanted
+        if has == negate:
+            return False
+    return True
+
+
+def _fmt_labels(labels: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+HIDDEN_LABELS = ("ray.io/node-id",)  # Ray's own label of each node: its id, shown anyway
+
+
+def _node_labels(n: NodeInfo) -> str:
+    shown = {k: v for k, v in n.labels.items() if k not in HIDDEN_LABELS}
+    return f"; labels: {_fmt_labels(shown)}" if shown else ""
 
 
 def _fmt_request(req: dict[str, float]) -> str:
