@@ -63,7 +63,9 @@ def tool_result(session: int, turn: int, rng: random.Random) -> str:
     return f"Session {session}, step {turn}: the tool printed: {words}. What next?"
 
 
-def stack_yaml(ports: list[int], api_port: int, state: Path, cache_ram: int | None = None) -> str:
+def stack_yaml(
+    ports: list[int], api_port: int, state: Path, cache_ram: int | None = None, share_min_chars: int = 2000
+) -> str:
     a, b, w1, w2 = ports
     return f"""
 name: cachebench
@@ -77,6 +79,7 @@ servers:
     ctx_size: 16384
     threads: 1
     threads_http: 32
+    slot_save: true
     health_timeout_s: 120{
         ""
         if cache_ram is None
@@ -103,7 +106,8 @@ servers:
 pools: [lb, px]
 routing: {{lb: least_busy, px: prefix}}
 worker_pool: {{warm_timeout_s: 3, expansion_threshold: 1000}}
-api: {{port: {api_port}, queue_max: 256, queue_wait_s: 1200, request_timeout_s: 1800, start_wait_s: 600}}
+api: {{port: {api_port}, queue_max: 256, queue_wait_s: 1200, request_timeout_s: 1800, start_wait_s: 600,
+  share_prefix_min_chars: {share_min_chars}}}
 monitor: {{interval_s: 0.5}}
 hooks: []
 """
@@ -160,10 +164,19 @@ async def agents_round(url: str, role: str, args: argparse.Namespace, salt: str)
                 if args.think_s:  # the agent runs its tool before the next turn
                     await asyncio.sleep(rng.uniform(0.5, 1.5) * args.think_s)
 
+    before = await sharing(url)
     t0 = time.perf_counter()
     await asyncio.gather(*(session(k) for k in range(args.sessions)))
     wall = time.perf_counter() - t0
-    return {"role": role, "salt": salt, "wall_s": wall, "requests": results}
+    # Prompt tokens the front door evaluated to share a prefix (share.py) count like the requests' own.
+    seeded = (await sharing(url))["tokens"] - before["tokens"]
+    return {"role": role, "salt": salt, "wall_s": wall, "requests": results, "seed_tokens": seeded}
+
+
+async def sharing(url: str) -> dict[str, int]:
+    async with httpx.AsyncClient(timeout=30) as c:
+        found: dict[str, int] = (await c.get(url + "/admin/status")).json()["sharing"]
+    return found
 
 
 async def skew_round(url: str, args: argparse.Namespace, status: Any) -> dict[str, Any]:
@@ -226,11 +239,13 @@ def summarise(rounds: list[dict[str, Any]], role: str) -> dict[str, Any]:
     reqs = [r for rd in rounds if rd["role"] == role for r in rd["requests"]]
     wall = sum(rd["wall_s"] for rd in rounds if rd["role"] == role)
     ttft = [r["ttft"] for r in reqs]
+    seeded = sum(rd.get("seed_tokens", 0) for rd in rounds if rd["role"] == role)
     return {
         "requests": len(reqs),
         "ttft_p50_s": round(statistics.median(ttft), 3),
         "ttft_p95_s": round(pct(ttft, 0.95), 3),
-        "prompt_tokens_evaluated": sum(r["prompt_n"] for r in reqs),
+        "prompt_tokens_evaluated": sum(r["prompt_n"] for r in reqs) + seeded,
+        "of_which_shared_prefix": seeded,
         "prompt_tokens_cached": sum(r["cache_n"] for r in reqs),
         "requests_per_s": round(len(reqs) / wall, 4),
         "wall_s": round(wall, 1),
@@ -284,14 +299,15 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 def agents_markdown(res: dict[str, Any]) -> list[str]:
     lines = [
-        "| policy | requests | TTFT p50 (s) | TTFT p95 (s) | prompt tokens evaluated | served from cache | req/s |",
+        "| policy | requests | TTFT p50 (s) | TTFT p95 (s) | prompt tokens evaluated (shared prefix) "
+        "| served from cache | req/s |",
         "|---|---|---|---|---|---|---|",
     ]
     for name in ("least_busy", "prefix"):
         s = res[name]
         lines.append(
             f"| {name} | {s['requests']} | {s['ttft_p50_s']} | {s['ttft_p95_s']} | {s['prompt_tokens_evaluated']} "
-            f"| {s['prompt_tokens_cached']} | {s['requests_per_s']} |"
+            f"({s.get('of_which_shared_prefix', 0)}) | {s['prompt_tokens_cached']} | {s['requests_per_s']} |"
         )
     lines += ["", "Ratios (same run, rounds interleaved):", ""]
     return lines + [f"- {k}: **{v}**" for k, v in res["ratios"].items()]
@@ -339,6 +355,12 @@ def main() -> int:
     p.add_argument("--skip-skew", action="store_true")
     p.add_argument("--skip-warm", action="store_true")
     p.add_argument("--cache-ram", type=int, help="the replicas' --cache-ram MiB (llama-server's prompt cache; 0: off)")
+    p.add_argument(
+        "--share-min-chars",
+        type=int,
+        default=2000,
+        help="api.share_prefix_min_chars: a system prompt this long is evaluated once per pool (0: off)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--name", default="cache_routing", help="results file name, without .md/.json")
     args = p.parse_args()
@@ -346,7 +368,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cachebench-") as tmp:
         ports = free_ports(5)
         path = Path(tmp) / "stack.yaml"
-        path.write_text(stack_yaml(ports[:4], ports[4], Path(tmp) / "state", args.cache_ram))
+        path.write_text(stack_yaml(ports[:4], ports[4], Path(tmp) / "state", args.cache_ram, args.share_min_chars))
         cfg = load_config_file(path)
         stack = Stack(cfg, Path(tmp) / "state", probe_binary(find_llama_server(cfg)), say=lambda m: None)
         try:
@@ -361,6 +383,7 @@ def main() -> int:
         f"{args.rounds} rounds per policy; "
         "2 SmolLM2-135M replicas, 2 slots and 1 thread each"
         + ("" if args.cache_ram is None else f", --cache-ram {args.cache_ram}")
+        + f", slot_save on, api.share_prefix_min_chars {args.share_min_chars}"
     )
     res["command"] = command
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,9 @@ SYSTEM = "You are a careful agent. Follow the rules. " * 4
 
 @pytest.fixture
 def door(make_stack: StackFactory) -> Iterator[Callable[..., Fleet]]:
-    def start(servers_yaml: str, extra: str = "") -> Fleet:
+    def start(servers_yaml: str, extra: str = "", api_extra: str = "") -> Fleet:
         (api_port,) = free_ports(1)
-        stack = make_stack(servers_yaml + extra + FAST_MONITOR + f"api: {{port: {api_port}}}\n")
+        stack = make_stack(servers_yaml + extra + FAST_MONITOR + f"api: {{port: {api_port}{api_extra}}}\n")
         stack.start(stack.select())
         return Fleet(stack, api_port)
 
@@ -40,7 +41,7 @@ def metric(f: Fleet, name: str, **labels: str) -> float:
     text = httpx.get(f.url + "/metrics", timeout=10).text
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
-        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if line.startswith((f"{name}{{", f"{name} ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no {name}{{{want}}} in /metrics: {[x for x in text.splitlines() if name in x]}")
 
@@ -133,6 +134,57 @@ def test_cli_reload_goes_through_the_front_door_and_keeps_the_kv_cache(
     res = stack_cli(folder, "reload", "m")
     assert res.returncode == 0, res.stderr
     assert "config changed, so it restarts here" in res.stdout, res.stdout
+
+
+# About 1,200 of the tiny model's tokens: within its 2,048-token context.
+LONG_SYSTEM = "You are a coding agent in a large repository. " + " ".join(
+    f"Rule {i}: check item {i} first." for i in range(24)
+)
+SHARE = ", share_prefix_min_chars: 500"
+
+
+def test_a_long_system_prompt_is_evaluated_once_and_shared_with_every_replica(
+    door: Callable[..., Fleet], tiny_model: Path
+) -> None:
+    a, b = free_ports(2)
+    replicas = srv("r", tiny_model, a, "[chat]", parallel=2, ctx_size=8192, slot_save="true")
+    f = door("servers:\n" + replicas.replace(f"port: {a}", f"ports: [{a}, {b}]"), "pools: [chat]\n", SHARE)
+
+    def first_turn(k: int) -> dict[str, Any]:
+        return ask(f, [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": f"agent {k} here"}])
+
+    with ThreadPoolExecutor(4) as pool:  # a burst of four conversations on the same system prompt
+        answers = list(pool.map(first_turn, range(4)))
+    sharing = httpx.get(f.url + "/admin/status", timeout=10).json()["sharing"]
+    # Evaluated once, on one slot; restored into the other three slots of the pool.
+    assert sharing["seeds"] == 1 and sharing["slots"] == 3 and sharing["failed"] == 0, sharing
+    assert sharing["tokens"] > len(LONG_SYSTEM) // 2  # the tiny model's byte-level tokens
+    for answer in answers:  # every conversation found the prompt cached, wherever it went
+        t = answer["timings"]
+        assert t["cache_n"] > len(LONG_SYSTEM) // 2 and t["prompt_n"] < 60, t
+    served = sorted(i["served"] for i in f.status().values() if i["component"] == "r")
+    assert served[0] >= 1  # both replicas took conversations (the seed counts as served too)
+    # Every replica holds it now: later conversations go straight on, with no second seed.
+    again = first_turn(9)
+    assert again["timings"]["cache_n"] > len(LONG_SYSTEM) // 2
+    after = httpx.get(f.url + "/admin/status", timeout=10).json()["sharing"]
+    assert after["seeds"] == 1
+    assert metric(f, "modelfleet_prefix_shares_total") == 1.0
+    # The prompt tokens the seed evaluated are counted like any request's.
+    evaluated = sum(i["prompt_evaluated"] for i in f.status().values())
+    assert evaluated == sharing["tokens"] + sum(x["timings"]["prompt_n"] for x in [*answers, again])
+    # The slot file was only a carrier: none is left behind.
+    assert not list((f.stack.store.dir / "slots").glob("*/share-*.bin"))
+
+
+def test_short_or_unshareable_prompts_are_not_seeded(door: Callable[..., Fleet], tiny_model: Path) -> None:
+    a, b = free_ports(2)
+    # No slot_save: nothing can be restored, so nothing is seeded; a short prompt never is.
+    replicas = srv("r", tiny_model, a, "[chat]", parallel=2, ctx_size=8192)
+    f = door("servers:\n" + replicas.replace(f"port: {a}", f"ports: [{a}, {b}]"), "pools: [chat]\n", SHARE)
+    ask(f, [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "hi"}])
+    ask(f, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}])
+    assert httpx.get(f.url + "/admin/status", timeout=10).json()["sharing"]["seeds"] == 0
 
 
 def test_a_restore_saved_under_another_command_line_is_not_used(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 PER_INSTANCE = 4096  # links remembered per instance
@@ -46,6 +46,8 @@ class RouteKey:
 
     chain: tuple[tuple[bytes, int], ...] = ()  # (link hash, characters covered so far), shortest first
     session: str | None = None
+    # The first message when it is a system prompt: what prefix sharing (share.py) evaluates once.
+    head: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def __bool__(self) -> bool:
         return bool(self.chain) or self.session is not None
@@ -77,7 +79,9 @@ def route_key(payload: Mapping[str, Any], session: str | None = None) -> RouteKe
         session = payload["user"]
     messages = payload.get("messages")
     if isinstance(messages, list) and messages:
-        return RouteKey(_chain(_canon(m) for m in messages), session)
+        first = messages[0]
+        head = first if isinstance(first, dict) and first.get("role") == "system" else None
+        return RouteKey(_chain(_canon(m) for m in messages), session, head)
     prompt = payload.get("prompt", payload.get("content"))
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]  # a batch of one
@@ -173,6 +177,11 @@ class Affinity:
             self.sessions.move_to_end(route.session)
             while len(self.sessions) > self.max_sessions:
                 self.sessions.popitem(last=False)
+
+    def holds(self, inst_key: str, link: bytes) -> bool:
+        """Whether the instance was sent (or given, by prefix sharing) this link."""
+        known = self.known.get(inst_key)
+        return known is not None and link in known
 
     def park(self, inst_key: str) -> None:
         """The instance stopped: what it knew is gone unless its KV cache comes back."""

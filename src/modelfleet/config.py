@@ -411,6 +411,10 @@ class ApiConfig(Strict):
     # and e in "never over (1 + e) times the pool's mean load".
     session_header: str | None = Field(default="X-Session-Id", min_length=1, max_length=128)
     prefix_load_factor: Annotated[float, Range(0, 100)] = 0.25
+    # Prefix sharing (share.py): a system prompt this long (characters) that a prefix-routed pool's
+    # replicas with `slot_save` do not hold yet is evaluated once and restored into their idle slots.
+    # 0: never.
+    share_prefix_min_chars: Annotated[int, Range(0, MAX_COUNT, " characters")] = 2000
 
     @field_validator("host")
     @classmethod

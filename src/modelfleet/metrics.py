@@ -111,6 +111,13 @@ class _LiveCollector(Collector):
             for (role, inst), n in by.items():
                 fam.add_metric([role, inst], n)
             yield fam
+        sharing = r.sharing.stats
+        for name, n, help_text in (
+            ("modelfleet_prefix_shares", sharing.seeds, "Shared prefixes evaluated once and restored elsewhere"),
+            ("modelfleet_prefix_share_failures", sharing.failed, "Prefix shares given up"),
+            ("modelfleet_prefix_share_slots", sharing.slots, "Slots a shared prefix was restored into"),
+        ):
+            yield CounterMetricFamily(name, help_text, value=n)
         fam = CounterMetricFamily("modelfleet_kv_restores", "Saved KV caches restored", labels=["instance", "result"])
         for (inst, result), n in r.counters.kv_restores.items():
             fam.add_metric([inst, result], n)

@@ -28,6 +28,7 @@ from modelfleet.errors import UsageError
 from modelfleet.fleet import Fleet, Instance, Lease
 from modelfleet.lifecycle import State
 from modelfleet.pool import Pool
+from modelfleet.share import Sharing
 from modelfleet.spec import InstanceSpec, plan_instances
 from modelfleet.stack import Stack
 from modelfleet.supervisor import Supervisor
@@ -62,6 +63,13 @@ class Router:
         self.capacity = Capacity(cfg, self.fleet, lambda: self.pools, self.actions, self.counters)
         self.supervisor = Supervisor(cfg, self.fleet, self.capacity, self.actions, self.counters)
         self.capacity.on_kv_restored = lambda inst: self.affinity.reinstate(inst.key)
+        # A long system prompt evaluated once per pool and restored into the other replicas (share.py).
+        self.sharing = Sharing(
+            self.fleet,
+            self.client,
+            lambda: self.cfg.api.share_prefix_min_chars,
+            lambda role, name, n: Counters.add(self.counters.prompt_evaluated, (role, name), n),
+        )
 
     def _specs(self, cfg: StackConfig) -> list[InstanceSpec]:
         return plan_instances(cfg, cfg.components(), self.stack.store.dir, self.stack.binary)
@@ -97,6 +105,8 @@ class Router:
 
     async def lease(self, pool: Pool, exclude: frozenset[str] = frozenset(), route: RouteKey | None = None) -> Lease:
         """A lease on an instance of the pool with a free slot; may start a WARM/COLD server and wait for it."""
+        if route is not None and route.head is not None and pool.affinity is not None:
+            await self.sharing.before(pool, route.chain[0][0], route.head)
         wait_s = self.capacity.wait_for(pool)
         return await pool.acquire(wait_s, exclude, route)
 
@@ -206,6 +216,7 @@ class Router:
         await self.supervisor.monitor()
 
     async def close(self) -> None:
+        await self.sharing.close()
         await self.fleet.close()
         await self.client.close()
 
@@ -247,6 +258,7 @@ class Router:
                 for role, p in self.pools.items()
             },
             "affinity": self.affinity.stats(),
+            "sharing": self.sharing.stats.to_json(),
         }
 
 

@@ -32,6 +32,7 @@ from modelfleet.fileutil import write_atomic
 log = logging.getLogger("modelfleet.warmkv")
 
 PREFIX = "warm-"
+SHARE_PREFIX = "share-"  # a prefix being shared between replicas (share.py): only there for a moment
 META = "warm.json"
 SEQ_MAGIC = 0x67677371  # 'ggsq', LLAMA_STATE_SEQ_MAGIC
 MAX_VERIFY_TOKENS = 1 << 24
@@ -64,7 +65,7 @@ def slot_file(slot: int) -> str:
     return f"{PREFIX}{slot}.bin"
 
 
-async def _call(client: upstream.Client, t: Target, path: str, body: dict[str, Any], timeout_s: float) -> Any:
+async def call(client: upstream.Client, t: Target, path: str, body: dict[str, Any], timeout_s: float | None) -> Any:
     """POST JSON to the instance; its decoded answer. Raises UpstreamError, TimeoutError or ValueError."""
     data = json.dumps(body).encode()
     async with asyncio.timeout(timeout_s):
@@ -85,7 +86,7 @@ async def save(client: upstream.Client, t: Target, cap_bytes: int, timeout_s: fl
     for slot in range(t.slots):
         name = slot_file(slot)
         try:
-            answer = await _call(client, t, f"/slots/{slot}?action=save", {"filename": name}, timeout_s)
+            answer = await call(client, t, f"/slots/{slot}?action=save", {"filename": name}, timeout_s)
         except (UpstreamError, TimeoutError, ValueError) as exc:
             out.detail = f"slot {slot} not saved: {exc}"
             log.warning("%s: %s", t.name, out.detail)
@@ -166,7 +167,7 @@ async def restore(client: upstream.Client, t: Target, timeout_s: float = 120.0) 
             if slot >= t.slots:
                 continue
             try:
-                answer = await _call(client, t, f"/slots/{slot}?action=restore", {"filename": path.name}, timeout_s)
+                answer = await call(client, t, f"/slots/{slot}?action=restore", {"filename": path.name}, timeout_s)
             except (UpstreamError, TimeoutError, ValueError) as exc:
                 out.detail = f"slot {slot} not restored: {exc}"
                 log.warning("%s: %s", t.name, out.detail)
@@ -182,7 +183,7 @@ async def restore(client: upstream.Client, t: Target, timeout_s: float = 120.0) 
                 continue
             body = {"prompt": tokens, "n_predict": 1, "id_slot": slot, "cache_prompt": True, "temperature": 0}
             try:
-                answer = await _call(client, t, "/completion", body, timeout_s)
+                answer = await call(client, t, "/completion", body, timeout_s)
                 cache_n = int(answer.get("timings", {}).get("cache_n", 0))
             except (UpstreamError, TimeoutError, ValueError, AttributeError) as exc:
                 out.verified = False
@@ -199,10 +200,11 @@ async def restore(client: upstream.Client, t: Target, timeout_s: float = 120.0) 
 
 
 def clean(slot_dirs: list[Path]) -> int:
-    """Remove every saved WARM slot (``stop --all``); how many files went."""
+    """Remove every saved WARM slot (``stop --all``), and shared prefixes a stopped front door left; how many
+    files went."""
     n = 0
     for d in slot_dirs:
-        for p in [*d.glob(f"{PREFIX}*.bin"), d / META]:
+        for p in [*d.glob(f"{PREFIX}*.bin"), *d.glob(f"{SHARE_PREFIX}*.bin"), d / META]:
             if p.is_file():
                 p.unlink(missing_ok=True)
                 n += 1

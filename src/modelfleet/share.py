@@ -1,0 +1,269 @@
+"""A long shared prefix evaluated once per pool, not once per slot.
+
+Agents of one kind open every conversation with the same long system prompt. Each
+llama-server slot that serves one of them pays that prompt in full the first time,
+so a pool of R replicas with S slots each evaluates it R x S times, and the first
+requests of a burst all pay it at once, side by side, on the same cores. llama-server
+shares a prefix between its slots only through its RAM prompt cache (written when a
+slot is reused), and never between replicas.
+
+Here the front door does it. When a request reaches a prefix-routed pool
+(:mod:`~modelfleet.affinity`) and its first message is a system prompt of at least
+``api.share_prefix_min_chars`` characters that some ready replica does not hold yet:
+
+1. one replica evaluates it once, alone, in one idle slot (the chat template's
+   rendering of that message, a one-token completion pinned with ``id_slot``);
+2. that slot is saved (llama-server's slot save: the servers need ``slot_save: true``)
+   and the file is restored into the idle slots of the other replicas of the same
+   server on this machine and into the seed's other idle slots (a restore of a
+   thousand-token prefix takes milliseconds);
+3. the replicas are remembered as holding the prefix, so the prefix router spreads the
+   conversations over all of them by load: every one of them finds the prefix cached.
+
+Requests with that prefix that arrive meanwhile wait for it (they would have paid for
+it anyway, more slowly, side by side). The seed's evaluated tokens are counted like
+any request's. A failure at any step only costs the sharing: the requests go on as
+they would have without it, and a request with that prefix tries again a minute later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelfleet import upstream, warmkv
+from modelfleet.affinity import RouteKey
+from modelfleet.errors import UpstreamError
+from modelfleet.fleet import Fleet, Instance
+from modelfleet.instance import LOCAL_NODE
+from modelfleet.lifecycle import State
+from modelfleet.pool import Pool
+
+log = logging.getLogger("modelfleet.share")
+
+FILE_PREFIX = warmkv.SHARE_PREFIX
+CALL_TIMEOUT_S = 30.0  # one slot save, restore or /slots read
+RETRY_AFTER_S = 60.0  # a prefix whose seed failed is not seeded again sooner
+MAX_FAILED = 1024
+Failure = (UpstreamError, TimeoutError, ValueError, OSError, TypeError, KeyError, AttributeError)
+
+
+@dataclass
+class Stats:
+    """What sharing did, for the status and the metrics."""
+
+    seeds: int = 0  # prefixes evaluated once and shared
+    failed: int = 0  # seeds given up (the requests went on without)
+    tokens: int = 0  # prompt tokens the seeds evaluated
+    slots: int = 0  # slots the shared prefixes were restored into
+
+    def to_json(self) -> dict[str, int]:
+        return {"seeds": self.seeds, "failed": self.failed, "tokens": self.tokens, "slots": self.slots}
+
+
+@dataclass
+class _Seed:
+    link: bytes
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def eligible(inst: Instance) -> bool:
+    """A ready replica on this machine that can save and restore slots."""
+    handle = inst.handle
+    return (
+        inst.state is State.READY
+        and inst.spec.slot_dir is not None
+        and (handle is None or handle.node == LOCAL_NODE)
+        and inst.spec.node == LOCAL_NODE
+    )
+
+
+class Sharing:
+    """Seeds shared prefixes for the pools that route by prefix; one seed per prefix at a time."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        client: upstream.Client,
+        min_chars: Callable[[], int],
+        count_tokens: Callable[[str, str, int], None],
+    ) -> None:
+        self.fleet = fleet
+        self.client = client
+        self.min_chars = min_chars
+        self.count_tokens = count_tokens  # (role, instance name, prompt tokens evaluated)
+        self.stats = Stats()
+        self._seeding: dict[bytes, _Seed] = {}
+        self._failed: dict[bytes, float] = {}  # prefixes whose seed failed, and when
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def wants(self, pool: Pool, link: bytes, head: Mapping[str, Any] | None) -> list[Instance]:
+        """The replicas a request's shared prefix should be spread over now (empty: nothing to do)."""
+        if pool.affinity is None or head is None:
+            return []
+        text = head.get("content")
+        limit = self.min_chars()
+        if limit <= 0 or not isinstance(text, str) or len(text) < limit:
+            return []
+        ready = [b for b in pool.backends if eligible(b)]
+        if all(pool.affinity.holds(b.key, link) for b in ready):
+            return []  # every replica holds it already (the fast path of every later request)
+        return ready
+
+    async def before(self, pool: Pool, link: bytes, head: Mapping[str, Any] | None) -> None:
+        """Called before a request is routed: wait for its shared prefix to be spread, seeding it if needed."""
+        seed = self._seeding.get(link)
+        if seed is None:
+            failed_at = self._failed.get(link)
+            if failed_at is not None and time.monotonic() - failed_at < RETRY_AFTER_S:
+                return  # it failed a moment ago: not again for every request
+            ready = self.wants(pool, link, head)
+            if not ready or sum(b.slots for b in ready) < 2:
+                return
+            assert head is not None
+            seed = self._seeding[link] = _Seed(link)
+            task = asyncio.get_running_loop().create_task(self._seed(pool, seed, dict(head), ready))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await seed.done.wait()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- the seed -------------------------------------------------------------------------
+
+    async def _seed(self, pool: Pool, seed: _Seed, head: dict[str, Any], ready: list[Instance]) -> None:
+        try:
+            restored = await self._spread(pool, seed.link, head, ready)
+        except asyncio.CancelledError:
+            raise
+        except Failure as exc:
+            log.warning("sharing a prefix on '%s' failed: %s", pool.role, exc)
+            restored = None
+        except Exception:  # sharing is an optimisation: never let it fail a request
+            log.exception("sharing a prefix on '%s' failed", pool.role)
+            restored = None
+        finally:
+            del self._seeding[seed.link]
+            seed.done.set()
+        if restored is None:
+            self.stats.failed += 1
+            self._failed[seed.link] = time.monotonic()
+            while len(self._failed) > MAX_FAILED:
+                self._failed.pop(next(iter(self._failed)))
+
+    async def _spread(self, pool: Pool, link: bytes, head: dict[str, Any], ready: list[Instance]) -> int | None:
+        """Evaluate the prefix on one replica, restore it into the idle slots of the others. Restored slots."""
+        assert pool.affinity is not None
+        # The seed runs where the prefix most likely is already (cheap), else on the least busy replica.
+        free = [b for b in ready if b.in_flight < b.slots]
+        if not free:
+            return None
+        aff = pool.affinity
+        src = max(free, key=lambda b: (aff.holds(b.key, link), -b.in_flight))
+        lease = self.fleet.take(src)
+        try:
+            idle = await self._idle_slots(src)
+            if not idle:
+                return None
+            slot = idle[0]
+            rendered = await self._call(src, "/apply-template", {"messages": [head]})
+            prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
+            if not isinstance(prompt, str) or not prompt:
+                log.warning("%s: /apply-template gave no prompt; not sharing", src.name)
+                return None
+            body = {"prompt": prompt, "n_predict": 1, "id_slot": slot, "cache_prompt": True, "temperature": 0}
+            answer = await self._call(src, "/completion", body, timeout_s=None)
+            evaluated = int(answer.get("timings", {}).get("prompt_n", 0))
+            self.stats.tokens += evaluated
+            self.count_tokens(pool.role, src.name, evaluated)
+            filename = f"{FILE_PREFIX}{link.hex()}.bin"
+            src_dir = Path(src.spec.slot_dir or "")
+            await self._call(src, f"/slots/{slot}?action=save", {"filename": filename})
+        finally:
+            lease.release()
+        restored = 0
+        try:
+            targets = [b for b in ready if b.state is State.READY and b.spec.component == src.spec.component]
+            results = await asyncio.gather(
+                *(self._restore(b, src_dir / filename, filename, skip=slot if b is src else None) for b in targets)
+            )
+            for b, n in zip(targets, results, strict=True):
+                restored += n
+                if n or b is src:
+                    pool.affinity.remember(b.key, _one(link))
+        finally:
+            for b in ready:
+                if b.spec.slot_dir:
+                    (Path(b.spec.slot_dir) / filename).unlink(missing_ok=True)
+        self.stats.seeds += 1
+        self.stats.slots += restored
+        log.info(
+            "shared a %d-token prefix of '%s': evaluated on %s, restored into %d slot(s)",
+            evaluated,
+            pool.role,
+            src.name,
+            restored,
+        )
+        return restored
+
+    async def _restore(self, inst: Instance, source: Path, filename: str, skip: int | None) -> int:
+        """Restore the saved prefix into the instance's idle slots; how many took it."""
+        try:
+            target = Path(inst.spec.slot_dir or "") / filename
+            if target != source:
+                _link(source, target)
+            done = 0
+            for slot in await self._idle_slots(inst):
+                if slot == skip:
+                    continue
+                await self._call(inst, f"/slots/{slot}?action=restore", {"filename": filename})
+                done += 1
+            return done
+        except Failure as exc:
+            log.warning("%s: the shared prefix was not restored: %s", inst.name, exc)
+            return 0
+
+    async def _idle_slots(self, inst: Instance) -> list[int]:
+        """Slot ids the instance is not using now (GET /slots)."""
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            resp = await self.client.request("GET", inst.reach_host, inst.port, "/slots", {})
+            try:
+                raw = b"".join([chunk async for chunk in resp.chunks()])
+            finally:
+                resp.close()
+        if resp.status != 200:
+            raise ValueError(f"/slots answered {resp.status}")
+        slots = json.loads(raw)
+        if not isinstance(slots, list):
+            raise ValueError("/slots did not answer a list")
+        return [int(s["id"]) for s in slots if isinstance(s, dict) and not s.get("is_processing")]
+
+    async def _call(
+        self, inst: Instance, path: str, body: dict[str, Any], timeout_s: float | None = CALL_TIMEOUT_S
+    ) -> Any:
+        t = warmkv.Target(inst.name, inst.reach_host, inst.port, inst.slots, Path(inst.spec.slot_dir or ""), ())
+        return await warmkv.call(self.client, t, path, body, timeout_s)
+
+
+def _one(link: bytes) -> RouteKey:
+    return RouteKey(((link, 1),))
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
