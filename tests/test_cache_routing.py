@@ -176,6 +176,15 @@ def test_a_long_system_prompt_is_evaluated_once_and_shared_with_every_replica(
     # The slot file was only a carrier: none is left behind.
     assert not list((f.stack.store.dir / "slots").glob("*/share-*.bin"))
 
+    # A replica that comes back empty gets it from one that holds it; the other's slots are left alone.
+    assert f.post("/admin/drain/r[1]").status_code == 200
+    assert f.post("/admin/start/r").status_code == 200
+    third = first_turn(10)
+    assert third["timings"]["cache_n"] > len(LONG_SYSTEM) // 2
+    later = httpx.get(f.url + "/admin/status", timeout=10).json()["sharing"]
+    assert later["seeds"] == 2 and later["slots"] == 3 + 2, later  # both slots of r[1], none of r[0]
+    assert later["tokens"] - sharing["tokens"] < 60  # evaluated where it was cached already
+
 
 def test_short_or_unshareable_prompts_are_not_seeded(door: Callable[..., Fleet], tiny_model: Path) -> None:
     a, b = free_ports(2)

@@ -52,6 +52,7 @@ log = logging.getLogger("modelfleet.share")
 FILE_PREFIX = warmkv.SHARE_PREFIX
 CALL_TIMEOUT_S = 30.0  # one slot save, restore or /slots read
 RETRY_AFTER_S = 60.0  # a prefix whose seed failed is not seeded again sooner
+NO_ROOM_RETRY_S = 5.0  # nor one that found no free slot to be evaluated in
 MAX_FAILED = 1024
 Failure = (UpstreamError, TimeoutError, ValueError, OSError, TypeError, KeyError, AttributeError)
 
@@ -78,12 +79,8 @@ class _Seed:
 def eligible(inst: Instance) -> bool:
     """A ready replica on this machine that can save and restore slots."""
     handle = inst.handle
-    return (
-        inst.state is State.READY
-        and inst.spec.slot_dir is not None
-        and (handle is None or handle.node == LOCAL_NODE)
-        and inst.spec.node == LOCAL_NODE
-    )
+    local = handle is None or (handle.node == LOCAL_NODE and not handle.ref)  # its slot folder is ours to reach
+    return inst.state is State.READY and inst.spec.slot_dir is not None and local
 
 
 class Sharing:
@@ -102,7 +99,7 @@ class Sharing:
         self.count_tokens = count_tokens  # (role, instance name, prompt tokens evaluated)
         self.stats = Stats()
         self._seeding: dict[bytes, _Seed] = {}
-        self._failed: dict[bytes, float] = {}  # prefixes whose seed failed, and when
+        self._retry_at: dict[bytes, float] = {}  # prefixes not to seed again before then
         self._tasks: set[asyncio.Task[None]] = set()
 
     def wants(self, pool: Pool, link: bytes, head: Mapping[str, Any] | None) -> list[Instance]:
@@ -122,9 +119,9 @@ class Sharing:
         """Called before a request is routed: wait for its shared prefix to be spread, seeding it if needed."""
         seed = self._seeding.get(link)
         if seed is None:
-            failed_at = self._failed.get(link)
-            if failed_at is not None and time.monotonic() - failed_at < RETRY_AFTER_S:
-                return  # it failed a moment ago: not again for every request
+            retry_at = self._retry_at.get(link)
+            if retry_at is not None and time.monotonic() < retry_at:
+                return  # it failed (or had no room) a moment ago: not again for every request
             ready = self.wants(pool, link, head)
             if not ready or sum(b.slots for b in ready) < 2:
                 return
@@ -143,45 +140,49 @@ class Sharing:
     # --- the seed -------------------------------------------------------------------------
 
     async def _seed(self, pool: Pool, seed: _Seed, head: dict[str, Any], ready: list[Instance]) -> None:
+        retry_in = None
         try:
-            restored = await self._spread(pool, seed.link, head, ready)
+            if not await self._spread(pool, seed.link, head, ready):
+                retry_in = NO_ROOM_RETRY_S  # no free slot to seed in now
         except asyncio.CancelledError:
             raise
         except Failure as exc:
             log.warning("sharing a prefix on '%s' failed: %s", pool.role, exc)
-            restored = None
+            self.stats.failed += 1
+            retry_in = RETRY_AFTER_S
         except Exception:  # sharing is an optimisation: never let it fail a request
             log.exception("sharing a prefix on '%s' failed", pool.role)
-            restored = None
+            self.stats.failed += 1
+            retry_in = RETRY_AFTER_S
         finally:
             del self._seeding[seed.link]
             seed.done.set()
-        if restored is None:
-            self.stats.failed += 1
-            self._failed[seed.link] = time.monotonic()
-            while len(self._failed) > MAX_FAILED:
-                self._failed.pop(next(iter(self._failed)))
+        if retry_in is not None:
+            self._retry_at[seed.link] = time.monotonic() + retry_in
+            while len(self._retry_at) > MAX_FAILED:
+                self._retry_at.pop(next(iter(self._retry_at)))
 
-    async def _spread(self, pool: Pool, link: bytes, head: dict[str, Any], ready: list[Instance]) -> int | None:
-        """Evaluate the prefix on one replica, restore it into the idle slots of the others. Restored slots."""
-        assert pool.affinity is not None
+    async def _spread(self, pool: Pool, link: bytes, head: dict[str, Any], ready: list[Instance]) -> bool:
+        """Evaluate the prefix on one replica, restore it into the idle slots of those that lack it.
+        False: no replica had a free slot to evaluate it in."""
+        aff = pool.affinity
+        assert aff is not None
+        lacking = {b.key for b in ready if not aff.holds(b.key, link)}
         # The seed runs where the prefix most likely is already (cheap), else on the least busy replica.
         free = [b for b in ready if b.in_flight < b.slots]
         if not free:
-            return None
-        aff = pool.affinity
+            return False
         src = max(free, key=lambda b: (aff.holds(b.key, link), -b.in_flight))
         lease = self.fleet.take(src)
         try:
             idle = await self._idle_slots(src)
             if not idle:
-                return None
+                return False
             slot = idle[0]
             rendered = await self._call(src, "/apply-template", {"messages": [head]})
             prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
             if not isinstance(prompt, str) or not prompt:
-                log.warning("%s: /apply-template gave no prompt; not sharing", src.name)
-                return None
+                raise ValueError(f"{src.name}: /apply-template gave no prompt")
             body = {"prompt": prompt, "n_predict": 1, "id_slot": slot, "cache_prompt": True, "temperature": 0}
             answer = await self._call(src, "/completion", body, timeout_s=None)
             evaluated = int(answer.get("timings", {}).get("prompt_n", 0))
@@ -194,14 +195,20 @@ class Sharing:
             lease.release()
         restored = 0
         try:
-            targets = [b for b in ready if b.state is State.READY and b.spec.component == src.spec.component]
+            # Only replicas that lack it: the idle slots of the others hold conversations worth keeping.
+            targets = [
+                b
+                for b in ready
+                if b.key in lacking and b.state is State.READY and b.spec.component == src.spec.component
+            ]
             results = await asyncio.gather(
                 *(self._restore(b, src_dir / filename, filename, skip=slot if b is src else None) for b in targets)
             )
+            aff.remember(src.key, _one(link))
             for b, n in zip(targets, results, strict=True):
                 restored += n
-                if n or b is src:
-                    pool.affinity.remember(b.key, _one(link))
+                if n:
+                    aff.remember(b.key, _one(link))
         finally:
             for b in ready:
                 if b.spec.slot_dir:
@@ -215,7 +222,7 @@ class Sharing:
             src.name,
             restored,
         )
-        return restored
+        return True
 
     async def _restore(self, inst: Instance, source: Path, filename: str, skip: int | None) -> int:
         """Restore the saved prefix into the instance's idle slots; how many took it."""
