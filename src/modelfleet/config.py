@@ -179,8 +179,8 @@ class Embeddings(Strict):
 # with a letter or digit.
 _LABEL_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
 _LABEL_KEY = re.compile(rf"(?=[^/]{{1,253}}/)?(?:{_LABEL_NAME}(?:\.{_LABEL_NAME})*/)?{_LABEL_NAME}")
-# A selector value: `value`, `!value` (any other), `in(a, b)`, `!in(a, b)` (Ray's own grammar).
-_LABEL_SELECTOR = re.compile(rf"!?{_LABEL_NAME}|!?(?:in)?\({_LABEL_NAME}(?:, ?{_LABEL_NAME})*\)")
+# A selector value: `value`, `!value` (any other), `in(a, b)`, `!in(a, b)`.
+_LABEL_SELECTOR = re.compile(rf"!?{_LABEL_NAME}|!?in\(\s*{_LABEL_NAME}(?:\s*,\s*{_LABEL_NAME})*\s*\)")
 _LABEL_HELP = "a value, '!value' (any other value), 'in(a, b)' or '!in(a, b)'"
 _NAME_HELP = "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
 
@@ -198,9 +198,14 @@ def _label_text(v: Any) -> Any:
 
 
 def _label_selector(v: str) -> str:
+    """Checked, and written as Ray 2.60 reads it: ``in(a, b)`` becomes ``in(a,b)`` (Ray keeps the
+    space as part of the next value, so ``in(a, b)`` would ask for ' b')."""
     if not _LABEL_SELECTOR.fullmatch(v):
         raise ValueError(f"not a label selector: give {_LABEL_HELP}, each value {_NAME_HELP}")
-    return v
+    if "(" not in v:
+        return v
+    head, inner = v.split("(", 1)
+    return f"{head}({','.join(part.strip() for part in inner.rstrip(')').split(','))})"
 
 
 LabelKey = Annotated[str, AfterValidator(_label_key)]

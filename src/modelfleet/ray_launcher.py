@@ -673,17 +673,15 @@ def _builtin_resource(name: str) -> bool:
 
 
 def label_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
-    """Whether a node with ``labels`` matches a label ``selector`` (``a``, ``!a``, ``in(a, b)``, ``!in(a, b)``).
+    """Whether a node with ``labels`` matches a label ``selector`` (``a``, ``!a``, ``in(a,b)``, ``!in(a,b)``,
+    as the config writes them).
 
     As Ray reads it; a negative term also matches a node without the label. Only used to refuse early
     what no node could take and to show the plan: Ray itself places."""
     for key, term in selector.items():
         negate = term.startswith("!")
         body = term[1:] if negate else term
-        if body.startswith("in(") or body.startswith("("):
-            wanted = {v.strip() for v in body[body.index("(") + 1 : -1].split(",")}
-        else:
-            wanted = {body}
+        wanted = set(body[3:-1].split(",")) if body.startswith("in(") else {body}
         has = labels.get(key) in wanted
         if has == negate:
             return False
