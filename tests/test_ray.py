@@ -3,24 +3,27 @@
 One cluster for the module (it takes ~15 s to start on 2 cores): the head declares
 1 GB of ``ram_gb`` and the label ``zone=h``, worker A 2 GB, the ``big_box`` resource and
 ``zone=a``, worker B 2 GB and ``zone=b``. Servers declare ``ram_gb`` so where they fit is
-known. The node-loss test removes a worker, so it runs last.
+known. The node-loss tests (last in the file) remove workers; a test that needs both
+workers alive gets a fresh node, of the same resources and labels, in place of a removed one.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import httpx
 import psutil
 import pytest
 
-from conftest import free_ports, stack_cli
+from conftest import MODELFLEET, free_ports, stack_cli
 from modelfleet.config import load_config
 from modelfleet.errors import StartupError
 from modelfleet.placement import launcher_for
@@ -41,6 +44,7 @@ WORKER_B: dict[str, Any] = {"resources": {"ram_gb": 2}, "labels": {"zone": "b"}}
 class Nodes:
     def __init__(self, cluster: Any, head: Any, a: Any, b: Any) -> None:
         self.cluster, self.head, self.a, self.b = cluster, head, a, b
+        self.removed: set[str] = set()
 
     @property
     def address(self) -> str:
@@ -48,6 +52,21 @@ class Nodes:
 
     def id_of(self, node: Any) -> str:
         return str(node.node_id)
+
+    def remove(self, node: Any) -> None:
+        """Lose a worker at once, as a machine that dies: its raylet and workers are killed."""
+        self.removed.add(self.id_of(node))
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    def heal(self) -> None:
+        """A fresh worker in place of each one a node-loss test removed (same resources and labels)."""
+        if self.id_of(self.a) in self.removed:
+            self.a = self.cluster.add_node(**COMMON, **WORKER_A)
+        if self.id_of(self.b) in self.removed:
+            self.b = self.cluster.add_node(**COMMON, **WORKER_B)
+        self.cluster.wait_for_nodes()
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert {self.id_of(n) for n in (self.head, self.a, self.b)} <= alive
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +92,13 @@ def nodes() -> Iterator[Nodes]:
         cluster.shutdown()
     left = [p for p in psutil.process_iter(["cmdline"]) if _is_ray_daemon(p, cluster)]
     assert not left, f"the Ray cluster left processes: {[p.pid for p in left]}"
+
+
+@pytest.fixture(autouse=True)
+def _both_workers(request: pytest.FixtureRequest) -> None:
+    """Every test of the cluster starts with the head and both workers alive."""
+    if "nodes" in request.fixturenames:
+        request.getfixturevalue("nodes").heal()
 
 
 def _is_ray_daemon(p: psutil.Process, cluster: Any) -> bool:
@@ -351,6 +377,107 @@ def test_a_warm_server_starts_on_demand_on_a_node_with_room(nodes: Nodes, ray_st
     assert our_actors() == [rec.key]
 
 
+# ~100 bytes: the byte-level tiny model reads it as ~100 prompt tokens.
+PROMPT = "A checkpoint of a Ray-placed stack keeps the KV cache of its slot, wherever the server runs. "
+
+
+def complete(port: int) -> dict[str, Any]:
+    body = {"prompt": PROMPT, "n_predict": 1, "id_slot": 0, "cache_prompt": True}
+    resp = httpx.post(f"http://127.0.0.1:{port}/completion", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    timings: dict[str, Any] = resp.json()["timings"]
+    return timings
+
+
+def total_slots(port: int) -> int:
+    return int(httpx.get(f"http://127.0.0.1:{port}/props", timeout=10).json()["total_slots"])
+
+
+def test_checkpoint_create_and_restore_of_a_ray_placed_stack(
+    nodes: Nodes, ray_stack: StackOf, tmp_path: Path, tiny_model: Path
+) -> None:
+    pa, pb = free_ports(2)
+    stack = ray_stack(
+        stack_yaml(
+            nodes,
+            srv("alpha", tiny_model, pa, 1.5, parallel=1, slot_save="true")
+            + srv("beta", tiny_model, pb, 0.5, slot_save="true", node="{labels: {zone: h}}"),
+        )
+    )
+    stack.start(stack.select())
+    first = complete(pa)
+    assert first["cache_n"] == 0 and first["prompt_n"] > 50
+    made = stack_cli(tmp_path, "checkpoint", "create", "base", "--kv", "--json")
+    assert made.returncode == 0, made.stderr
+    ckpt = json.loads(made.stdout)
+    assert ckpt["running"] == ["alpha", "beta"] and ckpt["kv"]
+
+    # Change alpha (parallel 1 -> 2) and reload it, stop beta: both through the CLI, as a user would.
+    cfg = tmp_path / "stack.yaml"
+    original = cfg.read_text()
+    cfg.write_text(original.replace("parallel: 1", "parallel: 2"))
+    assert stack_cli(tmp_path, "reload", "alpha").returncode == 0 and total_slots(pa) == 2
+    assert stack_cli(tmp_path, "stop", "beta").returncode == 0 and "beta" not in records(stack)
+
+    restored = stack_cli(tmp_path, "checkpoint", "restore", ckpt["id"], "--json")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    report = json.loads(restored.stdout)
+    assert (report["reloaded"], report["started"], report["stopped"]) == (["alpha"], ["beta"], [])
+    assert report["kv_failed"] == [] and sorted(k.split(":")[0] for k in report["kv_restored"]) == [
+        "alpha[0] slot 0",
+        "beta[0] slot 0",
+    ]
+    assert cfg.read_text() == original and total_slots(pa) == 1
+    recs = records(stack)
+    assert recs["beta"].node == nodes.id_of(nodes.head)  # placed again by its labels
+    assert recs["alpha"].node in (nodes.id_of(nodes.a), nodes.id_of(nodes.b))
+    assert sorted(our_actors()) == sorted(r.key for r in recs.values()) and len(servers_of(tiny_model)) == 2
+    timings = complete(pa)  # the restored slot cache serves the prompt again
+    assert timings["cache_n"] >= first["prompt_n"] - 1 and timings["prompt_n"] <= 2, timings
+
+
+def test_the_sweep_measures_a_ray_placed_server_and_leaves_it_as_it_was(
+    nodes: Nodes, ray_stack: StackOf, tmp_path: Path, tiny_model: Path
+) -> None:
+    (p,) = free_ports(1)
+    stack = ray_stack(stack_yaml(nodes, srv("alpha", tiny_model, p, 0.5, node="{labels: {zone: b}}")))
+    stack.start(stack.select())
+    before = records(stack)["alpha"]
+    table = tmp_path / "sweep.csv"
+    args = ["sweep", "alpha", "--parallel", "1,2", "--warmup", "0", "--batches", "1", "--max-tokens", "4"]
+    seen: set[tuple[str, str]] = set()  # (node, --parallel) of each process the sweep ran
+
+    def watch() -> None:
+        rec = records(stack).get("alpha")
+        if rec is not None:
+            seen.add((rec.node, rec.argv[rec.argv.index("--parallel") + 1]))
+
+    where = ["--config", str(tmp_path / "stack.yaml"), "--state-dir", str(tmp_path / "state")]
+    sweep = subprocess.Popen([MODELFLEET, *args, "--csv", str(table), *where], stdout=PIPE, stderr=PIPE)
+    try:
+        while sweep.poll() is None:
+            watch()
+            time.sleep(0.1)
+        out, errs = sweep.communicate(timeout=10)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    assert sweep.returncode == 0, out.decode() + errs.decode()
+    with table.open(newline="") as f:
+        summaries = [r for r in csv.DictReader(f) if r["kind"] == "summary"]
+    assert [(r["parallel"], r["requests"], r["errors"], r["error"]) for r in summaries] == [
+        ("1", "1", "0", ""),
+        ("2", "2", "0", ""),
+    ]
+    b = nodes.id_of(nodes.b)
+    assert {(b, "1"), (b, "2")} <= seen and all(node == b for node, _ in seen), seen
+    after = records(stack)["alpha"]  # running before, so restarted with its own config, placed again
+    assert after.pid != before.pid and after.node == b and "--parallel" in after.argv
+    assert after.argv[after.argv.index("--parallel") + 1] == "1"
+    assert our_actors() == [after.key] and len(servers_of(tiny_model)) == 1
+
+
 def test_node_loss_replaces_the_hot_instance_and_leaves_no_orphan(
     nodes: Nodes, ray_stack: StackOf, tiny_model: Path
 ) -> None:
@@ -361,7 +488,7 @@ def test_node_loss_replaces_the_hot_instance_and_leaves_no_orphan(
     on, other = (nodes.a, nodes.b) if first.node == nodes.id_of(nodes.a) else (nodes.b, nodes.a)
     assert first.node == nodes.id_of(on)  # 1.5 GB: a worker, never the head
     wait_until("the front door to route to it", lambda: front_door_status(api)["solo"]["state"] == "ready")
-    nodes.cluster.remove_node(on, allow_graceful=False)
+    nodes.remove(on)
     wait_until("the old process to die with its node", lambda: not psutil.pid_exists(first.pid) or _zombie(first.pid))
 
     def replaced() -> bool:
@@ -379,3 +506,43 @@ def _zombie(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_a_warm_server_whose_node_is_lost_starts_again_on_demand_on_another_node(
+    nodes: Nodes, ray_stack: StackOf, tiny_model: Path
+) -> None:
+    (p, api) = free_ports(2)
+    stack = ray_stack(stack_yaml(nodes, srv("lazy", tiny_model, p, 1.5, tier="warm"), api))
+    stack.start(stack.select())
+    assert chat(api, "lazy").status_code == 200
+    first = records(stack)["lazy"]
+    on, other = (nodes.a, nodes.b) if first.node == nodes.id_of(nodes.a) else (nodes.b, nodes.a)
+    assert first.node == nodes.id_of(on)  # 1.5 GB: a worker, never the head
+    nodes.remove(on)
+    wait_until("the old process to die with its node", lambda: not psutil.pid_exists(first.pid) or _zombie(first.pid))
+    wait_until("the front door to notice", lambda: front_door_status(api)["lazy"]["state"] == "stopped")
+    resp = chat(api, "lazy")  # on demand again: placed where there is room now
+    assert resp.status_code == 200 and resp.json()["model"] == "lazy", resp.text
+    again = records(stack)["lazy"]
+    assert again.pid != first.pid and again.node == nodes.id_of(other)
+    assert len(servers_of(tiny_model)) == 1 and our_actors() == [again.key]
+
+
+def test_a_hot_server_whose_node_is_lost_and_that_fits_nowhere_else_ends_failed(
+    nodes: Nodes, ray_stack: StackOf, tiny_model: Path
+) -> None:
+    (p, api) = free_ports(2)
+    monitor = "monitor: {interval_s: 0.3, failures_to_eject: 2, backoff_initial_s: 0.2, restart_budget: 2}\n"
+    pinned = srv("pinned", tiny_model, p, 0.5, node="{labels: {zone: a}}")  # only worker A has zone=a
+    stack = ray_stack(stack_yaml(nodes, pinned, api, monitor=monitor))
+    stack.start(stack.select())
+    first = records(stack)["pinned"]
+    assert first.node == nodes.id_of(nodes.a)
+    wait_until("the front door to route to it", lambda: front_door_status(api)["pinned"]["state"] == "ready")
+    nodes.remove(nodes.a)
+    wait_until("the restart budget to run out", lambda: front_door_status(api)["pinned"]["state"] == "failed", 60)
+    detail = front_door_status(api)["pinned"]["detail"]
+    assert "no node has the labels zone=a" in detail, detail
+    assert "2 restarts within" in detail and "monitor.restart_budget 2" in detail, detail
+    assert servers_of(tiny_model) == [] and our_actors() == []  # nothing left on any node
+    assert chat(api, "pinned").status_code >= 500
