@@ -1,16 +1,21 @@
 """Cache-aware routing against least-busy balancing, and KV restore after a WARM idle stop.
 
     .venv/bin/python bench/cache_routing.py [--sessions 8] [--turns 4] [--system-tokens 1500]
-        [--rounds 2] [--out bench/results]
+        [--rounds 2] [--think-s S] [--cache-ram MiB] [--share-min-chars N] [--server-arg ARG ...]
+        [--policies lb px] [--skip-skew] [--skip-warm] [--out bench/results] [--name NAME]
 
 Scenario 1 (agents): K concurrent sessions share one long system prompt; each has its
 own growing history (a tool result of about 120 tokens per turn, plus the model's short
 answer). One front door serves a pool of 2 SmolLM2 replicas (2 slots each, one thread
-each) under two roles over the same replicas: ``lb`` (``routing: least_busy``) and
-``px`` (``routing: prefix``). Rounds alternate lb, px, lb, px...; every round salts the
-system prompt, so no round reuses another's cache. Measured per policy: TTFT p50/p95 of
-streamed requests, prompt tokens evaluated and served from cache (each answer's
-``timings``), requests per second.
+each, ``slot_save`` on) under two roles over the same replicas: ``lb`` (``routing:
+least_busy``) and ``px`` (``routing: prefix``, with prefix sharing across replicas:
+``--share-min-chars``, 0 turns it off). Rounds alternate lb, px, lb, px...; every round
+salts the system prompt, so no round reuses another's cache. Measured per policy: TTFT
+p50/p95 of streamed requests, prompt tokens evaluated (each answer's ``timings``, plus
+what the front door evaluated to share a prefix) and served from cache, requests per
+second, and the tokens evaluated by turn. ``--server-arg`` adds llama-server arguments
+to the replicas (``--server-arg=--slot-prompt-similarity --server-arg=0``);
+``--policies px`` runs one policy alone.
 
 Scenario 1b (skew): one hot session sends 6 requests at once while 2 others go on,
 on ``px``: how the load split between the replicas.
@@ -64,8 +69,14 @@ def tool_result(session: int, turn: int, rng: random.Random) -> str:
 
 
 def stack_yaml(
-    ports: list[int], api_port: int, state: Path, cache_ram: int | None = None, share_min_chars: int = 2000
+    ports: list[int],
+    api_port: int,
+    state: Path,
+    cache_ram: int | None = None,
+    share_min_chars: int = 2000,
+    extra_args: tuple[str, ...] = (),
 ) -> str:
+    server_args = ([] if cache_ram is None else ["--cache-ram", str(cache_ram)]) + list(extra_args)
     a, b, w1, w2 = ports
     return f"""
 name: cachebench
@@ -80,12 +91,8 @@ servers:
     threads: 1
     threads_http: 32
     slot_save: true
-    health_timeout_s: 120{
-        ""
-        if cache_ram is None
-        else f'''
-    args: [--cache-ram, "{cache_ram}"]'''
-    }
+    health_timeout_s: 120
+    args: {json.dumps(server_args)}
   warm_kv:
     model: builtin:smollm2-135m-instruct
     port: {w1}
@@ -159,6 +166,7 @@ async def agents_round(url: str, role: str, args: argparse.Namespace, salt: str)
             for t in range(args.turns):
                 messages.append({"role": "user", "content": tool_result(k, t, rng)})
                 r = await turn(client, url, role, messages, args.max_tokens)
+                r["session"], r["turn"] = k, t
                 results.append(r)
                 messages.append({"role": "assistant", "content": r["text"] or "ok"})
                 if args.think_s:  # the agent runs its tool before the next turn
@@ -272,12 +280,22 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         return {i["name"]: i for i in data["instances"]}
 
     rounds = []
-    for i, role in enumerate(["lb", "px"] * args.rounds):
+    for i, role in enumerate([p for p in ("lb", "px") if p in args.policies] * args.rounds):
         rd = await agents_round(url, role, args, salt=f"round-{i}")
         print(f"round {i} {role}: {summarise([rd], role)}", file=sys.stderr, flush=True)
+        detail = sorted((r["session"], r["turn"], r["prompt_n"], r["cache_n"]) for r in rd["requests"])
+        print(f"  (session, turn, prompt_n, cache_n): {detail}", file=sys.stderr, flush=True)
         rounds.append(rd)
     out: dict[str, Any] = {}
-    if rounds:
+    # Prompt tokens evaluated by turn, per policy: where the policies differ.
+    out["evaluated_by_turn"] = {
+        role: [
+            sum(r["prompt_n"] for rd in rounds if rd["role"] == role for r in rd["requests"] if r["turn"] == t)
+            for t in range(args.turns)
+        ]
+        for role in args.policies
+    }
+    if rounds and len(args.policies) == 2:
         out.update(agents_summary(rounds))
         print(f"ratios: {out['ratios']}", file=sys.stderr, flush=True)
     if not args.skip_skew:
@@ -323,6 +341,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
     ]
     if "ratios" in res:
         lines += ["", *agents_markdown(res)]
+    if res.get("evaluated_by_turn"):
+        by_turn = "; ".join(f"{role}: {counts}" for role, counts in res["evaluated_by_turn"].items())
+        lines += ["", f"Prompt tokens evaluated by turn (turn 0 first, all rounds): {by_turn}."]
     if "skew" in res:
         lines += [
             "",
@@ -352,6 +373,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="rounds of each policy, interleaved")
     p.add_argument("--think-s", type=float, default=0.0, help="mean pause between a session's turns (tool time)")
+    p.add_argument("--policies", nargs="+", choices=("lb", "px"), default=["lb", "px"], help="only these")
     p.add_argument("--skip-skew", action="store_true")
     p.add_argument("--skip-warm", action="store_true")
     p.add_argument("--cache-ram", type=int, help="the replicas' --cache-ram MiB (llama-server's prompt cache; 0: off)")
@@ -361,6 +383,9 @@ def main() -> int:
         default=2000,
         help="api.share_prefix_min_chars: a system prompt this long is evaluated once per pool (0: off)",
     )
+    p.add_argument(
+        "--server-arg", action="append", default=[], help="one more llama-server argument for the replicas (repeat)"
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--name", default="cache_routing", help="results file name, without .md/.json")
     args = p.parse_args()
@@ -368,7 +393,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cachebench-") as tmp:
         ports = free_ports(5)
         path = Path(tmp) / "stack.yaml"
-        path.write_text(stack_yaml(ports[:4], ports[4], Path(tmp) / "state", args.cache_ram, args.share_min_chars))
+        path.write_text(
+            stack_yaml(
+                ports[:4], ports[4], Path(tmp) / "state", args.cache_ram, args.share_min_chars, tuple(args.server_arg)
+            )
+        )
         cfg = load_config_file(path)
         stack = Stack(cfg, Path(tmp) / "state", probe_binary(find_llama_server(cfg)), say=lambda m: None)
         try:
@@ -383,6 +412,7 @@ def main() -> int:
         f"{args.rounds} rounds per policy; "
         "2 SmolLM2-135M replicas, 2 slots and 1 thread each"
         + ("" if args.cache_ram is None else f", --cache-ram {args.cache_ram}")
+        + (f", args {' '.join(args.server_arg)}" if args.server_arg else "")
         + f", slot_save on, api.share_prefix_min_chars {args.share_min_chars}"
     )
     res["command"] = command
