@@ -506,7 +506,7 @@ class RayLauncher:
 
         An actor that does not answer in time (its node is lost) counts as dead. A cached actor
         found dead may have been replaced under its name by another command: those are looked up
-        again and asked once more, within the same deadline."""
+        again and asked once more, within the same deadline (or one more second, if it has passed)."""
         out = [False] * len(handles)
         remote: dict[int, Handle] = {}
         for i, h in enumerate(handles):
@@ -533,6 +533,14 @@ class RayLauncher:
         if not calls:
             return {}
         refs = [ref for ref, _ in calls.values()]
+        try:  # the usual case: every actor answers
+            answers = ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.RayError:
+            pass  # one is gone, or some did not answer in time: each is sorted out below
+        else:
+            for i, answer in zip(calls, answers, strict=True):
+                out[i] = bool(answer)
+            return {}
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
         done = set(ready)
         stale: dict[int, Handle] = {}
@@ -546,7 +554,7 @@ class RayLauncher:
                 self._actors.pop(asked[i].ref, None)
                 if cached:
                     stale[i] = asked[i]
-            except _GONE:
+            except ray.exceptions.RayError:  # unavailable, or its call failed: not known to run
                 self._actors.pop(asked[i].ref, None)
         return stale
 
