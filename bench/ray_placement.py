@@ -9,7 +9,11 @@ reserving 2 GB, so two land on each node) plus its front door is started with
 
 * start time: ``Stack.start`` of the whole stack until every instance is healthy;
 * p50 / p99 latency of short chat completions through the front door (sequential,
-  one keep-alive connection), and straight to one server for reference.
+  one keep-alive connection), and straight to one server for reference;
+* with ``placement: ray``, what one supervisor tick's liveness question costs for the six
+  servers: the way it was asked before (each actor looked up by name, then asked, one
+  after another, on the front door's event loop) and ``RayLauncher.alive_many`` (cached
+  actors, all asked at once, one wait; the front door runs it in a worker thread).
 
 Ray is only the control plane, so the latency through the front door should be the
 same; the start pays for one actor (a worker process) per instance. Results go to
@@ -33,7 +37,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from modelfleet.config import load_config
-from modelfleet.launcher import free_ports
+from modelfleet.launcher import alive_many, free_ports
 from modelfleet.placement import launcher_for
 from modelfleet.spec import find_llama_server, probe_binary
 from modelfleet.stack import Stack
@@ -76,6 +80,31 @@ def latencies(url: str, body: dict[str, Any], n: int) -> list[float]:
     return out
 
 
+def liveness_ms(stack: Stack, reps: int = 20) -> dict[str, float]:
+    """Median ms of one tick's liveness question for every Ray-placed instance: before and now."""
+    handles = [r.handle for r in stack.store.read().values() if r.handle.ref]
+    namespace = stack.cfg.placement.effective_namespace(stack.cfg.name)
+
+    def one_by_one() -> None:  # what each supervisor tick did on the event loop before
+        for h in handles:
+            actor = ray.get_actor(h.ref, namespace=namespace)
+            assert ray.get(actor.alive.remote(h.pid, h.create_time), timeout=10)
+
+    def at_once() -> None:
+        assert all(alive_many(stack.launcher, handles))
+
+    out = {}
+    for name, ask in (("liveness_one_by_one_ms", one_by_one), ("liveness_at_once_ms", at_once)):
+        ask()  # warm: the first call creates the actors' handles
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            ask()
+            times.append((time.perf_counter() - t) * 1000)
+        out[name] = round(statistics.median(times), 3)
+    return out
+
+
 def one_round(kind: str, address: str, model: Path, folder: Path, n: int) -> dict[str, Any]:
     *ports, api = free_ports(SERVERS + 1)
     text = stack_text(kind, address, model, ports, api)
@@ -91,6 +120,7 @@ def one_round(kind: str, address: str, model: Path, folder: Path, n: int) -> dic
         body = {"model": "s0", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
         door = latencies(f"http://127.0.0.1:{api}/v1/chat/completions", body, n)
         direct = latencies(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", body, n)
+        liveness = liveness_ms(stack) if kind == "ray" else {}
     finally:
         stack.stop()
     return {
@@ -100,6 +130,7 @@ def one_round(kind: str, address: str, model: Path, folder: Path, n: int) -> dic
         "door_p50_ms": round(statistics.median(door), 3),
         "door_p99_ms": round(sorted(door)[int(len(door) * 0.99) - 1], 3),
         "direct_p50_ms": round(statistics.median(direct), 3),
+        **liveness,
     }
 
 
@@ -161,6 +192,10 @@ def main() -> int:
         "",
         f"Added p50 of the front door: local {loc['door_p50_ms'] - loc['direct_p50_ms']:.2f} ms, "
         f"ray {ray_['door_p50_ms'] - ray_['direct_p50_ms']:.2f} ms.",
+        "",
+        f"Liveness of the {SERVERS} Ray-placed servers, one supervisor tick: looked up and asked one by one "
+        f"(as the front door did on its event loop) {ray_['liveness_one_by_one_ms']:.2f} ms; "
+        f"`alive_many` (all at once, in a worker thread) {ray_['liveness_at_once_ms']:.2f} ms.",
     ]
     (args.out / "ray_placement.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
