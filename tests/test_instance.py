@@ -7,7 +7,7 @@ import dataclasses
 from conftest import make_record
 from modelfleet.config import Tier
 from modelfleet.hooks import InstanceView
-from modelfleet.instance import Identity, Kind, local_url
+from modelfleet.instance import Identity, Kind, local_url, reach_host
 from modelfleet.spec import InstanceSpec
 from modelfleet.stack import Status, StatusRow
 
@@ -44,3 +44,14 @@ def test_every_view_of_an_instance_carries_the_same_identity() -> None:
         assert derived.identity() == ident and derived.name == "embedder[2]"
     assert view.url == ident.base_url
     assert row.to_json()["name"] == "embedder[2]" and row.to_json()["tier"] == "hot"
+
+
+def test_a_wildcard_bind_on_another_node_is_reached_at_the_node_address() -> None:
+    assert reach_host("0.0.0.0", "10.0.0.5") == "10.0.0.5" and reach_host("::", "10.0.0.5") == "10.0.0.5"
+    assert reach_host("0.0.0.0") == "127.0.0.1"  # this machine: loopback
+    assert reach_host("127.0.0.1", "10.0.0.5") == "127.0.0.1"  # bound to loopback: only that way in
+    far = make_record(host="0.0.0.0", node="n1", extra={"node_address": "10.0.0.5"})
+    assert far.base_url == "http://10.0.0.5:8080" and far.handle.address == "10.0.0.5"
+    assert make_record(host="0.0.0.0").base_url == "http://127.0.0.1:8080"
+    view = InstanceView.extend(far, node_address=far.node_address)
+    assert view.url == "http://10.0.0.5:8080"

@@ -10,6 +10,7 @@ workers alive gets a fresh node, of the same resources and labels, in place of a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -349,10 +350,16 @@ def test_front_door_routes_to_ray_placed_servers_and_readopts_them(
     nodes: Nodes, ray_stack: StackOf, tiny_model: Path
 ) -> None:
     pa, pb, api = free_ports(3)
-    stack = ray_stack(stack_yaml(nodes, srv("alpha", tiny_model, pa, 1.5) + srv("beta", tiny_model, pb, 1.5), api))
+    # beta listens on every interface: the front door reaches it at its node's address, as it would on
+    # another machine (here every node has this machine's address); alpha only on loopback.
+    servers = srv("alpha", tiny_model, pa, 1.5) + srv("beta", tiny_model, pb, 1.5, host="0.0.0.0")
+    stack = ray_stack(stack_yaml(nodes, servers, api))
     stack.start(stack.select())
     recs = records(stack)
     assert recs["alpha"].node != recs["beta"].node  # 1.5 + 1.5 fit on no single node
+    node_ip = nodes.head.node_ip_address
+    assert node_ip not in ("127.0.0.1", "")
+    assert recs["beta"].base_url == f"http://{node_ip}:{pb}" and recs["alpha"].base_url == f"http://127.0.0.1:{pa}"
     for name in ("alpha", "beta"):
         resp = chat(api, name)
         assert resp.status_code == 200 and resp.json()["model"] == name, resp.text
@@ -361,8 +368,28 @@ def test_front_door_routes_to_ray_placed_servers_and_readopts_them(
     stack.stop(["orchestrator"])
     stack.start(["orchestrator"])
     wait_until("adoption", lambda: all(front_door_status(api)[n]["state"] == "ready" for n in pids))
+    assert front_door_status(api)["beta"]["address"] == f"{node_ip}:{pb}"
+    assert front_door_status(api)["alpha"]["address"] == f"127.0.0.1:{pa}"
     assert chat(api, "beta").status_code == 200
     assert {n: r.pid for n, r in records(stack).items() if n in pids} == pids
+
+
+def test_a_loopback_server_on_another_machine_is_refused_before_it_starts(
+    nodes: Nodes, ray_stack: StackOf, tiny_model: Path
+) -> None:
+    from modelfleet.ray_launcher import NodeKeeper
+
+    (p,) = free_ports(1)
+    stack = ray_stack(stack_yaml(nodes, srv("far", tiny_model, p, 0.5)))
+    (spec,) = stack.specs(["far"])
+    keeper = NodeKeeper(spec.key, "modelfleet-check-test")
+    here = keeper.node()["address"]
+    assert keeper.check(spec, here) == []  # a node on this machine: loopback is fine
+    keeper.node = lambda: {"node_id": "n", "address": "203.0.113.9", "leftover": None}  # type: ignore[method-assign]
+    problems = keeper.check(spec, here)
+    assert len(problems) == 1 and "servers.far.host: 127.0.0.1 on node 203.0.113.9 cannot be reached" in problems[0]
+    assert "set it to 0.0.0.0" in problems[0]
+    assert keeper.check(dataclasses.replace(spec, host="0.0.0.0"), here) == []
 
 
 def test_a_warm_server_starts_on_demand_on_a_node_with_room(nodes: Nodes, ray_stack: StackOf, tiny_model: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from modelfleet.config import Tier
 from modelfleet.errors import IllegalTransition
-from modelfleet.instance import Handle
+from modelfleet.instance import Handle, reach_host
 from modelfleet.lifecycle import State, allowed
 from modelfleet.spec import InstanceSpec
 
@@ -42,7 +42,7 @@ class Instance:
     last_used: float = 0.0
     probe_failures: int = 0
     restarts: deque[float] = field(default_factory=deque)  # when each restart of the window began
-    handle: Handle | None = None
+    _handle: Handle | None = None
     _idle: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
@@ -55,6 +55,17 @@ class Instance:
             self.spec.tier,
             self.spec.roles,
         )
+
+    @property
+    def handle(self) -> Handle | None:
+        """Its process, wherever it runs; None while it has none."""
+        return self._handle
+
+    @handle.setter
+    def handle(self, handle: Handle | None) -> None:
+        self._handle = handle
+        # Read on every request: a wildcard bind on another node is reached at that node's address.
+        self.reach_host = reach_host(self.spec.host, handle.address if handle is not None else "")
 
     @property
     def pid(self) -> int | None:

@@ -36,7 +36,7 @@ import httpx
 from modelfleet.config import HookConfig
 from modelfleet.errors import HookError, HookFailure, StateError, UsageError
 from modelfleet.fileutil import file_lock, now_iso, write_atomic
-from modelfleet.instance import Identity, Kind
+from modelfleet.instance import Identity, Kind, reach_host, url_of
 from modelfleet.stack import Stack, StartReport
 from modelfleet.state import InstanceRecord
 
@@ -63,10 +63,11 @@ class InstanceView(Identity):
 
     model_path: str | None = None
     embeddings: bool = False
+    node_address: str = ""  # the node it runs on, when that is not this machine
 
     @property
     def url(self) -> str:
-        return self.base_url
+        return url_of(reach_host(self.host, self.node_address), self.port)
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ def build_view(stack: Stack, event: Event, extra: InstanceRecord | None = None) 
 
 def instance_view(rec: InstanceRecord) -> InstanceView:
     embeds = rec.kind is Kind.LLAMA_SERVER and "--embeddings" in rec.argv
-    return InstanceView.extend(rec, model_path=rec.model_path, embeddings=embeds)
+    return InstanceView.extend(rec, model_path=rec.model_path, embeddings=embeds, node_address=rec.node_address)
 
 
 def _applies(hook: HookConfig, component: str) -> bool:

@@ -40,14 +40,28 @@ def instance_key(port: int) -> str:
     return f"server_{port}"
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
 def local_host(host: str) -> str:
     """How this machine reaches a service bound to ``host``: a wildcard bind is reached on loopback."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
+
+
+def reach_host(host: str, node_address: str = "") -> str:
+    """How the front door reaches a service bound to ``host`` on a node at ``node_address`` ("" for this
+    machine): a wildcard bind on another node is reached at that node's address."""
+    if node_address and host in WILDCARD_HOSTS:
+        return node_address
+    return local_host(host)
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def local_url(host: str, port: int) -> str:
-    reach = local_host(host)
-    return f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
+    return url_of(local_host(host), port)
 
 
 @dataclass(frozen=True)

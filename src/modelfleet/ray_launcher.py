@@ -89,11 +89,20 @@ class NodeKeeper:
         address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         return {"node_id": ctx.get_node_id(), "address": address, "leftover": self.killed_leftover}
 
-    def check(self, spec: InstanceSpec) -> list[str]:
-        """What is missing on this node for ``spec`` to start: files, the program, the port."""
-        where = f"node {self.node()['address']}"
+    def check(self, spec: InstanceSpec, door_address: str = "") -> list[str]:
+        """What is missing on this node for ``spec`` to start: files, the program, the port, and a way in
+        for the front door at ``door_address`` (a loopback bind on another machine has none)."""
+        address = self.node()["address"]
+        where = f"node {address}"
+        problems = []
+        if door_address and address != door_address and _loopback(spec.host):
+            key = f"{'servers' if spec.kind is Kind.LLAMA_SERVER else 'services'}.{spec.component}.host"
+            problems.append(
+                f"  {key}: {spec.host} on {where} cannot be reached from the front door's machine "
+                f"({door_address}); set it to 0.0.0.0 (reached at the node's address) or to {address}"
+            )
         files = spec.required_files
-        problems = [f"  {key}: {path} does not exist on {where}" for key, path in files if not Path(path).is_file()]
+        problems += [f"  {key}: {path} does not exist on {where}" for key, path in files if not Path(path).is_file()]
         if spec.argv and not self.local.program_exists(spec.argv[0], spec.cwd):
             problems.append(f"  {spec.label}: program {spec.argv[0]!r} was not found on {where}")
         taken = self.local.port_conflict(spec.host, spec.port)
@@ -414,7 +423,8 @@ class RayLauncher:
         return _Keeper.options(**options).remote(spec.key, self.namespace)
 
     def _check_nodes(self, specs: Sequence[InstanceSpec], asks: dict[str, Ask], nodes: list[NodeInfo]) -> list[str]:
-        refs = {s.key: self._placed[s.key].check.remote(s) for s in specs}
+        door = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        refs = {s.key: self._placed[s.key].check.remote(s, door) for s in specs}
         problems: list[str] = []
         # Room is found within place_timeout_s; a new actor's worker process takes a while to start besides.
         deadline = time.monotonic() + self.placement.place_timeout_s + ACTOR_START_S
@@ -674,6 +684,10 @@ def _tree(items: list[str], indent: str) -> list[str]:
 def _own(cfg: StackConfig, spec: InstanceSpec) -> dict[str, float]:
     comp = cfg.components().get(spec.component)
     return dict(comp.resources) if comp is not None else {}
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def _builtin_resource(name: str) -> bool:

@@ -231,6 +231,7 @@ class Router:
                     "name": b.name,
                     "component": b.component,
                     "port": b.port,
+                    "address": f"{b.reach_host}:{b.port}",  # where the front door reaches it
                     "node": b.spec.node,
                     "pid": b.pid,
                     "tier": b.tier.value,

@@ -26,7 +26,7 @@ from typing import Any
 from modelfleet.config import Tier
 from modelfleet.errors import StateError
 from modelfleet.fileutil import file_lock, write_atomic
-from modelfleet.instance import IDENTITY_FIELDS, LOCAL_NODE, Handle, Identity, Kind
+from modelfleet.instance import IDENTITY_FIELDS, LOCAL_NODE, Handle, Identity, Kind, reach_host, url_of
 
 STATE_FILE = "orchestrator_state.json"
 LOCK_FILE = "state.lock"
@@ -49,10 +49,23 @@ class InstanceRecord(Identity):
 
     @property
     def handle(self) -> Handle:
-        address = self.extra.get("node_address")
-        where = address if isinstance(address, str) else ""
+        where = self.node_address
         ref = self.key if self.node != LOCAL_NODE else ""  # a remote launcher names the process by its key
         return Handle(self.node, self.pid, self.create_time, self.log_file, self.label, ref, where)
+
+    @property
+    def node_address(self) -> str:
+        address = self.extra.get("node_address")
+        return address if isinstance(address, str) else ""
+
+    @property
+    def reach_host(self) -> str:
+        """Where it is reached: on another node, a wildcard bind is reached at that node's address."""
+        return reach_host(self.host, self.node_address)
+
+    @property
+    def base_url(self) -> str:
+        return url_of(self.reach_host, self.port)
 
     @property
     def role(self) -> str:

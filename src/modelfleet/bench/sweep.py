@@ -698,7 +698,9 @@ class Sweep:
             stack.reload(name)
         except StartupError as exc:
             return failed_level(parallel, _first_sentence(exc))
-        url = stack.specs([name])[0].base_url
+        # Where the server runs now: on a Ray node, a wildcard bind is reached at the node's address.
+        recs = [r for r in stack.store.read().values() if r.component == name]
+        url = recs[0].base_url if recs else stack.specs([name])[0].base_url
 
         def on_batch(batch: BatchResult) -> None:
             if log is not None:
