@@ -77,6 +77,22 @@ def test_a_crashed_hot_instance_is_restarted_after_its_backoff(tmp_path: Path) -
     asyncio.run(main())
 
 
+def test_a_dead_warm_instance_is_stopped_with_the_reason_and_one_stopped_outside_with_that(tmp_path: Path) -> None:
+    async def main() -> None:
+        router, actions, _ = make_router(tmp_path)
+        await actions.start(["server_9003", "server_9004"])
+        await router.adopt()
+        died, stopped = router.fleet.instances["server_9003"], router.fleet.instances["server_9004"]
+        actions.kill("server_9003")  # its record stays: it died (a crash, or its node was lost)
+        await actions.stop(["server_9004"])  # a CLI stop: the record goes
+        await router.supervisor.sync()
+        assert died.state is State.STOPPED and "exited; it starts again when a request needs it" in died.detail
+        assert stopped.state is State.STOPPED and stopped.detail == "stopped outside the front door"
+        assert actions.restarts == []  # WARM: not restarted, started on demand
+
+    asyncio.run(main())
+
+
 def test_a_restart_that_fails_while_loading_counts_and_backs_off_until_failed(tmp_path: Path) -> None:
     async def main() -> None:
         router, actions, _ = make_router(tmp_path)

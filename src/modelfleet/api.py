@@ -410,7 +410,9 @@ class FrontDoor:
     # --- fleet views ----------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_entry(n) for n in registry.names(self.cfg)]})
+        progress = await self._progress_all()
+        data = [self._model_entry(n, progress) for n in registry.names(self.cfg)]
+        return JSONResponse({"object": "list", "data": data})
 
     async def model_one(self, request: Request) -> Response:
         """``GET /v1/models/{id}`` (the OpenAI SDK's ``models.retrieve``): one role, alias or task type."""
@@ -419,9 +421,9 @@ class FrontDoor:
             known = ", ".join(registry.names(self.cfg))
             msg = f"no model '{name}' here; known: {known} (GET /v1/models lists them)"
             raise ApiError(404, msg, "not_found_error")
-        return JSONResponse(self._model_entry(name))
+        return JSONResponse(self._model_entry(name, await self._progress_all()))
 
-    def _model_entry(self, name: str) -> dict[str, Any]:
+    def _model_entry(self, name: str, progress: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
         cfg = self.cfg
         role = registry.resolve(cfg, name)
         pool = self.router.pools[role]
@@ -435,19 +437,30 @@ class FrontDoor:
             "role": role,
             "state": _pool_state(pool),
             "instances": [
-                {"name": b.name, "tier": b.tier.value, "state": b.state.value, "port": b.port} | self._progress(b)
+                {"name": b.name, "tier": b.tier.value, "state": b.state.value, "port": b.port} | progress.get(b.key, {})
                 for b in pool.backends
             ],
         }
 
-    def _progress(self, inst: Instance) -> dict[str, Any]:
-        """For an instance that is starting: how long it has been at it and the stage its log shows."""
-        if inst.state is not State.STARTING:
+    async def _progress_all(self) -> dict[str, dict[str, Any]]:
+        """For each instance that is starting: how long it has been at it and the stage its log shows.
+        The logs are read off the event loop (on a Ray node, through its actor)."""
+        starting = [b for b in self.router.fleet if b.state is State.STARTING]
+        if not starting:
             return {}
+        stages = await asyncio.to_thread(lambda: [self._stage(b) for b in starting])
+        now = self.router.fleet.clock()
+        return {
+            b.key: {"starting_for_s": round(now - b.since, 1), "stage": stage}
+            for b, stage in zip(starting, stages, strict=True)
+        }
+
+    def _stage(self, inst: Instance) -> str | None:
         spec = inst.spec
+        if spec.kind is not Kind.LLAMA_SERVER:
+            return None
         handle = inst.handle or Handle(spec.node, 0, 0.0, spec.log_file, spec.label)
-        stage = loading.stage(self.stack.launcher.read_log(handle)) if spec.kind is Kind.LLAMA_SERVER else None
-        return {"starting_for_s": round(self.router.fleet.clock() - inst.since, 1), "stage": stage}
+        return loading.stage(self.stack.launcher.read_log(handle))
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

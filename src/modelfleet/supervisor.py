@@ -102,7 +102,11 @@ class Supervisor:
                     self.crashed(inst, f"pid {rec.pid} exited")
             elif inst.state in UP:
                 inst.handle = None
-                self.fleet.move(inst, State.STOPPED, "stopped outside the front door")
+                if rec is not None and not rec.stopping:  # died (or its node was lost): not a stop
+                    why = f"pid {rec.pid} exited; it starts again when a request needs it"
+                else:
+                    why = "stopped outside the front door"
+                self.fleet.move(inst, State.STOPPED, why)
         self.capacity.dispatch_all()
         return records
 
