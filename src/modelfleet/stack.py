@@ -23,7 +23,7 @@ from modelfleet.config import API_COMPONENT, StackConfig, Tier
 from modelfleet.errors import ConfigError, FleetError, StartupError, UsageError
 from modelfleet.fileutil import now_iso
 from modelfleet.instance import Identity, Kind
-from modelfleet.launcher import Launcher, LocalLauncher, tail_text
+from modelfleet.launcher import Launcher, LocalLauncher, alive_many, tail_text
 from modelfleet.spec import BinaryInfo, InstanceSpec, env_digest, find_llama_server, plan_instances, probe_binary
 from modelfleet.state import InstanceRecord, StateStore
 
@@ -461,7 +461,7 @@ class Stack:
     def status(self, include_stopped: bool = True) -> list[StatusRow]:
         """One row per recorded instance (probed concurrently), plus configured ones not running."""
         records = sorted(self.store.read().values(), key=lambda r: r.port)
-        alive = [self.launcher.alive(r.handle) for r in records]
+        alive = alive_many(self.launcher, [r.handle for r in records])  # on Ray: all actors asked at once
         urls = [r.base_url + r.health_path for r, up in zip(records, alive, strict=True) if up]
         probes = iter(health.probe_many(urls))
         rows = []
