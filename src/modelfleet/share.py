@@ -29,7 +29,6 @@ they would have without it, and a request with that prefix tries again a minute 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -243,21 +242,13 @@ class Sharing:
 
     async def _idle_slots(self, inst: Instance) -> list[int]:
         """Slot ids the instance is not using now (GET /slots)."""
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            resp = await self.client.request("GET", inst.reach_host, inst.port, "/slots", {})
-            try:
-                raw = b"".join([chunk async for chunk in resp.chunks()])
-            finally:
-                resp.close()
-        if resp.status != 200:
-            raise ValueError(f"/slots answered {resp.status}")
-        slots = json.loads(raw)
+        slots = await self._call(inst, "/slots", None)
         if not isinstance(slots, list):
             raise ValueError("/slots did not answer a list")
         return [int(s["id"]) for s in slots if isinstance(s, dict) and not s.get("is_processing")]
 
     async def _call(
-        self, inst: Instance, path: str, body: dict[str, Any], timeout_s: float | None = CALL_TIMEOUT_S
+        self, inst: Instance, path: str, body: dict[str, Any] | None, timeout_s: float | None = CALL_TIMEOUT_S
     ) -> Any:
         t = warmkv.Target(inst.name, inst.reach_host, inst.port, inst.slots, Path(inst.spec.slot_dir or ""), ())
         return await warmkv.call(self.client, t, path, body, timeout_s)

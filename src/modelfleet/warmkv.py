@@ -65,11 +65,17 @@ def slot_file(slot: int) -> str:
     return f"{PREFIX}{slot}.bin"
 
 
-async def call(client: upstream.Client, t: Target, path: str, body: dict[str, Any], timeout_s: float | None) -> Any:
-    """POST JSON to the instance; its decoded answer. Raises UpstreamError, TimeoutError or ValueError."""
-    data = json.dumps(body).encode()
+async def call(
+    client: upstream.Client, t: Target, path: str, body: dict[str, Any] | None, timeout_s: float | None
+) -> Any:
+    """POST JSON to the instance (GET when ``body`` is None); its decoded answer. Raises UpstreamError,
+    TimeoutError or ValueError."""
     async with asyncio.timeout(timeout_s):
-        resp = await client.request("POST", t.host, t.port, path, {"content-type": "application/json"}, data)
+        if body is None:
+            resp = await client.request("GET", t.host, t.port, path, {})
+        else:
+            data = json.dumps(body).encode()
+            resp = await client.request("POST", t.host, t.port, path, {"content-type": "application/json"}, data)
         try:
             raw = b"".join([chunk async for chunk in resp.chunks()])
         finally:
