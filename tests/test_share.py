@@ -98,3 +98,34 @@ def test_a_failed_seed_lets_the_requests_go_on_and_is_tried_once_for_all_of_them
     stats = router.sharing.stats
     assert (stats.seeds, stats.failed, stats.slots) == (0, 1, 0)
     assert all(i.in_flight == 0 for i in pool.backends)  # the seed's slot was given back
+
+
+def test_a_pool_of_two_servers_shares_within_one_server_at_a_time(tmp_path: Path) -> None:
+    a, b, c = free_ports(3)
+    text = f"""
+servers:
+  replica:
+    model: m.gguf
+    ports: [{a}, {b}]
+    roles: [chat]
+    parallel: 2
+    slot_save: true
+  other:
+    model: other.gguf
+    port: {c}
+    roles: [chat]
+    parallel: 2
+    slot_save: true
+pools: [chat]
+"""
+    router = make_router(tmp_path, text)[0]
+    _ready(router)
+    pool = router.pools["chat"]
+    key = route_key(chat(LONG))
+    link = key.chain[0][0]
+    first = router.sharing.wants(pool, link, key.head)
+    assert {i.spec.component for i in first} == {"replica"} and len(first) == 2  # a slot file fits one model
+    assert pool.affinity is not None
+    for inst in first:
+        pool.affinity.remember(inst.key, key)
+    assert [i.spec.component for i in router.sharing.wants(pool, link, key.head)] == ["other"]

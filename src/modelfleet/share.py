@@ -110,9 +110,11 @@ class Sharing:
         if limit <= 0 or not isinstance(text, str) or len(text) < limit:
             return []
         ready = [b for b in pool.backends if eligible(b)]
-        if all(pool.affinity.holds(b.key, link) for b in ready):
+        lacking = [b for b in ready if not pool.affinity.holds(b.key, link)]
+        if not lacking:
             return []  # every replica holds it already (the fast path of every later request)
-        return ready
+        # A slot file fits the replicas of one server only: spread it within the component of one that lacks it.
+        return [b for b in ready if b.spec.component == lacking[0].spec.component]
 
     async def before(self, pool: Pool, link: bytes, head: Mapping[str, Any] | None) -> None:
         """Called before a request is routed: wait for its shared prefix to be spread, seeding it if needed."""
@@ -142,7 +144,7 @@ class Sharing:
         retry_in = None
         try:
             if not await self._spread(pool, seed.link, head, ready):
-                retry_in = NO_ROOM_RETRY_S  # no free slot to seed in now
+                retry_in = NO_ROOM_RETRY_S  # no free slot to seed in, or some replica had none to take it
         except asyncio.CancelledError:
             raise
         except Failure as exc:
@@ -163,7 +165,7 @@ class Sharing:
 
     async def _spread(self, pool: Pool, link: bytes, head: dict[str, Any], ready: list[Instance]) -> bool:
         """Evaluate the prefix on one replica, restore it into the idle slots of those that lack it.
-        False: no replica had a free slot to evaluate it in."""
+        False: no replica had a free slot to evaluate it in, or one that lacks it took it in no slot."""
         aff = pool.affinity
         assert aff is not None
         lacking = {b.key for b in ready if not aff.holds(b.key, link)}
@@ -221,7 +223,7 @@ class Sharing:
             src.name,
             restored,
         )
-        return True
+        return all(n or b is src for b, n in zip(targets, results, strict=True))
 
     async def _restore(self, inst: Instance, source: Path, filename: str, skip: int | None) -> int:
         """Restore the saved prefix into the instance's idle slots; how many took it."""
