@@ -129,3 +129,27 @@ pools: [chat]
     for inst in first:
         pool.affinity.remember(inst.key, key)
     assert [i.spec.component for i in router.sharing.wants(pool, link, key.head)] == ["other"]
+
+
+def test_a_request_waits_for_a_slow_seed_no_longer_than_a_queue_wait(tmp_path: Path) -> None:
+    router = _router(tmp_path)
+    _ready(router)
+    pool = router.pools["chat"]
+    key = route_key(chat(LONG))
+    router.sharing.wait_s = lambda: 0.2
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def slow_spread(*_: object) -> bool:
+            await gate.wait()  # a seed that takes longer than anyone may wait
+            return True
+
+        router.sharing._spread = slow_spread  # type: ignore[method-assign]
+        t0 = asyncio.get_running_loop().time()
+        await router.sharing.before(pool, key.chain[0][0], key.head)
+        assert asyncio.get_running_loop().time() - t0 < 2  # went on without it
+        gate.set()
+        await router.close()
+
+    asyncio.run(main())

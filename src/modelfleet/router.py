@@ -69,6 +69,7 @@ class Router:
             self.client,
             lambda: self.cfg.api.share_prefix_min_chars,
             lambda role, name, n: Counters.add(self.counters.prompt_evaluated, (role, name), n),
+            lambda: self.cfg.api.queue_wait_s,
         )
 
     def _specs(self, cfg: StackConfig) -> list[InstanceSpec]:

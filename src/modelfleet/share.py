@@ -21,14 +21,16 @@ Here the front door does it. When a request reaches a prefix-routed pool
    conversations over all of them by load: every one of them finds the prefix cached.
 
 Requests with that prefix that arrive meanwhile wait for it (they would have paid for
-it anyway, more slowly, side by side). The seed's evaluated tokens are counted like
-any request's. A failure at any step only costs the sharing: the requests go on as
-they would have without it, and a request with that prefix tries again a minute later.
+it anyway, more slowly, side by side), at most ``api.queue_wait_s``. The seed's
+evaluated tokens are counted like any request's. A failure at any step only costs the
+sharing: the requests go on as they would have without it, and a request with that
+prefix tries again a minute later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -91,10 +93,12 @@ class Sharing:
         client: upstream.Client,
         min_chars: Callable[[], int],
         count_tokens: Callable[[str, str, int], None],
+        wait_s: Callable[[], float] = lambda: 30.0,
     ) -> None:
         self.fleet = fleet
         self.client = client
         self.min_chars = min_chars
+        self.wait_s = wait_s  # the longest a request waits for a seed before it goes on without
         self.count_tokens = count_tokens  # (role, instance name, prompt tokens evaluated)
         self.stats = Stats()
         self._seeding: dict[bytes, _Seed] = {}
@@ -131,7 +135,8 @@ class Sharing:
             task = asyncio.get_running_loop().create_task(self._seed(pool, seed, dict(head), ready))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        await seed.done.wait()
+        with contextlib.suppress(TimeoutError):  # a seed slower than a queue wait: go on without it
+            await asyncio.wait_for(seed.done.wait(), self.wait_s())
 
     async def close(self) -> None:
         for task in list(self._tasks):
