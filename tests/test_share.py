@@ -153,3 +153,16 @@ def test_a_request_waits_for_a_slow_seed_no_longer_than_a_queue_wait(tmp_path: P
         await router.close()
 
     asyncio.run(main())
+
+
+def test_stop_all_removes_shared_prefixes_a_stopped_front_door_left(tmp_path: Path) -> None:
+    from modelfleet import warmkv
+
+    slots = tmp_path / "slots" / "8080"
+    slots.mkdir(parents=True)
+    left = [slots / "share-00ff.bin", slots / "warm-0.bin", slots / warmkv.META]
+    for p in left:
+        p.write_bytes(b"x")
+    (slots / "mine.bin").write_bytes(b"kept")  # a checkpoint's or the user's file is not ours to remove
+    assert warmkv.clean([slots]) == 3
+    assert not any(p.exists() for p in left) and (slots / "mine.bin").exists()
