@@ -12,13 +12,13 @@ from fakes.fleet import make_router, settle
 from modelfleet import upstream
 from modelfleet.actions import StackActions
 from modelfleet.config import load_config
-from modelfleet.errors import StartupError
+from modelfleet.errors import StartupError, gist
 from modelfleet.health import Health
 from modelfleet.instance import Handle
 from modelfleet.lifecycle import State
 from modelfleet.stack import Stack
 from modelfleet.state import InstanceRecord
-from modelfleet.supervisor import backoff_delay, gist
+from modelfleet.supervisor import backoff_delay
 
 
 def test_backoff_doubles_from_the_initial_delay_up_to_the_cap() -> None:

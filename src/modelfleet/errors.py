@@ -261,3 +261,10 @@ class ApiError(FleetError):
         out = super().body()
         out["error"]["type"] = self.kind
         return out
+
+
+def gist(exc: BaseException) -> str:
+    """A multi-line error in one line: its first, and the one after when the first ends in ':'
+    (``nothing was started:`` is followed by the reason)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from modelfleet.actions import Actions
 from modelfleet.capacity import Capacity, Counters
 from modelfleet.config import StackConfig, Tier
-from modelfleet.errors import FleetError
+from modelfleet.errors import FleetError, gist
 from modelfleet.fleet import Fleet, Instance
 from modelfleet.health import Health
 from modelfleet.lifecycle import BUSY, UP, State
@@ -38,13 +38,6 @@ Sleep = Callable[[float], Awaitable[None]]
 def backoff_delay(recent_restarts: int, initial_s: float, max_s: float) -> float:
     """Seconds to wait before the next restart, given the restarts already in the window."""
     return float(min(initial_s * 2**recent_restarts, max_s))
-
-
-def gist(exc: Exception) -> str:
-    """A multi-line error in one line: its first, and the one after when the first ends in ':'
-    (``nothing was started:`` is followed by the reason)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 class Supervisor:

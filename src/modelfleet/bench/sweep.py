@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import httpx
 
 from modelfleet.config import ServerConfig, StackConfig, load_config
-from modelfleet.errors import ConfigError, StartupError, UsageError
+from modelfleet.errors import ConfigError, StartupError, UsageError, gist
 from modelfleet.stack import Stack
 
 DEFAULT_LEVELS = (1, 2, 4)
@@ -697,7 +697,7 @@ class Sweep:
         try:
             stack.reload(name)
         except StartupError as exc:
-            return failed_level(parallel, _first_sentence(exc))
+            return failed_level(parallel, gist(exc))
         # Where the server runs now: on a Ray node, a wildcard bind is reached at the node's address.
         recs = [r for r in stack.store.read().values() if r.component == name]
         url = recs[0].base_url if recs else stack.specs([name])[0].base_url
@@ -738,12 +738,6 @@ class Sweep:
             return f"restarted with its configured parallel {self.srv.parallel} (it was running before the sweep)"
         self.stack.stop([name])
         return "stopped (it was not running before the sweep)"
-
-
-def _first_sentence(exc: Exception) -> str:
-    """The gist of a multi-line error: its first line, and the next one when the first ends in ':'."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _batch_line(server: str, batch: BatchResult, of: int) -> str:
