@@ -504,12 +504,7 @@ class RayLauncher:
         return Handle(node, info["pid"], info["create_time"], spec.log_file, spec.label, spec.key, address)
 
     def alive(self, handle: Handle) -> bool:
-        if not handle.ref:
-            return self.local.alive(handle)
-        try:
-            return bool(self._ask(handle, "alive", handle.pid, handle.create_time))
-        except _Lost:
-            return False
+        return self.alive_many([handle])[0]
 
     def alive_many(self, handles: Sequence[Handle]) -> list[bool]:
         """:meth:`alive` of each handle: every actor asked at once, then one wait of at most CALL_TIMEOUT_S.
