@@ -16,7 +16,9 @@ from modelfleet.router import Router
 LONG = "You are an agent. " + "Check every fact twice. " * 100
 
 
-def _router(tmp_path: Path, slot_save: bool = True, min_chars: int = 2000) -> Router:
+def _router(tmp_path: Path, slot_save: bool = True, min_chars: int = 2000, single_role: str = "solo") -> Router:
+    """Two replicas of ``replica`` in the pool ``chat``, and a server ``single`` (of another model)
+    answering ``single_role``."""
     a, b, c = free_ports(3)  # nothing listens there: a seed can only fail
     tmp_path.mkdir(parents=True, exist_ok=True)
     text = f"""
@@ -28,9 +30,10 @@ servers:
     parallel: 2
     slot_save: {str(slot_save).lower()}
   single:
-    model: m.gguf
+    model: other.gguf
     port: {c}
-    roles: [solo]
+    roles: [{single_role}]
+    parallel: 2
     slot_save: true
 pools: [chat]
 api: {{share_prefix_min_chars: {min_chars}}}
@@ -101,24 +104,7 @@ def test_a_failed_seed_lets_the_requests_go_on_and_is_tried_once_for_all_of_them
 
 
 def test_a_pool_of_two_servers_shares_within_one_server_at_a_time(tmp_path: Path) -> None:
-    a, b, c = free_ports(3)
-    text = f"""
-servers:
-  replica:
-    model: m.gguf
-    ports: [{a}, {b}]
-    roles: [chat]
-    parallel: 2
-    slot_save: true
-  other:
-    model: other.gguf
-    port: {c}
-    roles: [chat]
-    parallel: 2
-    slot_save: true
-pools: [chat]
-"""
-    router = make_router(tmp_path, text)[0]
+    router = _router(tmp_path, single_role="chat")
     _ready(router)
     pool = router.pools["chat"]
     key = route_key(chat(LONG))
@@ -128,7 +114,7 @@ pools: [chat]
     assert pool.affinity is not None
     for inst in first:
         pool.affinity.remember(inst.key, key)
-    assert [i.spec.component for i in router.sharing.wants(pool, link, key.head)] == ["other"]
+    assert [i.spec.component for i in router.sharing.wants(pool, link, key.head)] == ["single"]
 
 
 def test_a_request_waits_for_a_slow_seed_no_longer_than_a_queue_wait(tmp_path: Path) -> None:
