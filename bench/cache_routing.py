@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/cache_routing.py [--sessions 8] [--turns 4] [--system-tokens 1500]
         [--rounds 2] [--think-s S] [--cache-ram MiB] [--share-min-chars N] [--server-arg ARG ...]
-        [--policies lb px] [--skip-skew] [--skip-warm] [--out bench/results] [--name NAME]
+        [--policies lb px] [--pin-slots true|false] [--skip-skew] [--skip-warm] [--out bench/results]
+        [--name NAME]
 
 Scenario 1 (agents): K concurrent sessions share one long system prompt; each has its
 own growing history (a tool result of about 120 tokens per turn, plus the model's short
-answer). One front door serves a pool of 2 SmolLM2 replicas (2 slots each, one thread
-each, ``slot_save`` on) under two roles over the same replicas: ``lb`` (``routing:
-least_busy``) and ``px`` (``routing: prefix``, with prefix sharing across replicas:
-``--share-min-chars``, 0 turns it off). Rounds alternate lb, px, lb, px...; every round
+answer). One front door serves two pools of 2 SmolLM2 replicas each (2 slots each, one
+thread each, ``slot_save`` on), each pool with modelfleet's defaults for its policy:
+``lb`` (``routing: least_busy``: llama-server chooses the slot) and ``px`` (``routing:
+prefix``, with prefix sharing across replicas, ``--share-min-chars``, 0 turns it off, and
+slot pinning, ``--pin-slots false`` turns it off). Rounds alternate lb, px, lb, px...; every round
 salts the system prompt, so no round reuses another's cache. Measured per policy: TTFT
 p50/p95 of streamed requests, prompt tokens evaluated (each answer's ``timings``, plus
 what the front door evaluated to share a prefix) and served from cache, requests per
@@ -75,25 +77,31 @@ def stack_yaml(
     cache_ram: int | None = None,
     share_min_chars: int = 2000,
     extra_args: tuple[str, ...] = (),
+    pin_slots: bool | None = None,
 ) -> str:
+    pin = "" if pin_slots is None else f"\n    pin_slots: {str(pin_slots).lower()}"
     server_args = ([] if cache_ram is None else ["--cache-ram", str(cache_ram)]) + list(extra_args)
-    a, b, w1, w2 = ports
-    return f"""
-name: cachebench
-state_dir: {state}
-servers:
-  replica:
+    lb_a, lb_b, px_a, px_b, w1, w2 = ports
+
+    def replicas(name: str, role: str, a: int, b: int, extra: str = "") -> str:
+        return f"""  {name}:
     model: builtin:smollm2-135m-instruct
     ports: [{a}, {b}]
-    roles: [lb, px]
+    roles: [{role}]
     parallel: 2
     ctx_size: 16384
     threads: 1
     threads_http: 32
     slot_save: true
     health_timeout_s: 120
-    args: {json.dumps(server_args)}
-  warm_kv:
+    args: {json.dumps(server_args)}{extra}
+"""
+
+    return f"""
+name: cachebench
+state_dir: {state}
+servers:
+{replicas("replica_lb", "lb", lb_a, lb_b)}{replicas("replica_px", "px", px_a, px_b, pin)}  warm_kv:
     model: builtin:smollm2-135m-instruct
     port: {w1}
     tier: warm
@@ -151,6 +159,8 @@ async def turn(
         "total": time.perf_counter() - t0,
         "prompt_n": int(timings.get("prompt_n", 0)),
         "cache_n": int(timings.get("cache_n", 0)),
+        "prompt_ms": float(timings.get("prompt_ms", 0.0)),
+        "predicted_ms": float(timings.get("predicted_ms", 0.0)),
         "text": "".join(text),
     }
 
@@ -219,8 +229,8 @@ async def skew_round(url: str, args: argparse.Namespace, status: Any) -> dict[st
     done.set()
     await sampler
     after = await status()
-    served = {n: after[n]["served"] - before[n]["served"] for n in after if n.startswith("replica")}
-    return {"served": served, "peak_in_flight": {n: v for n, v in peak.items() if n.startswith("replica")}}
+    served = {n: after[n]["served"] - before[n]["served"] for n in after if n.startswith("replica_px")}
+    return {"served": served, "peak_in_flight": {n: v for n, v in peak.items() if n.startswith("replica_px")}}
 
 
 async def warm_restart(url: str, role: str, args: argparse.Namespace, status: Any) -> dict[str, Any]:
@@ -295,6 +305,24 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         ]
         for role in args.policies
     }
+    # Median TTFT by turn, and the median time the server spent on the prompt and on the answer:
+    # what is queueing (or waiting for a shared prefix) and what is work.
+    out["by_turn_ttft_prompt_ms_predicted_ms"] = {
+        role: [
+            [
+                round(
+                    statistics.median(
+                        r[k] for rd in rounds if rd["role"] == role for r in rd["requests"] if r["turn"] == t
+                    ),
+                    3,
+                )
+                for k in ("ttft", "prompt_ms", "predicted_ms")
+            ]
+            for t in range(args.turns)
+        ]
+        for role in args.policies
+    }
+    print(f"by turn (ttft s, prompt ms, predicted ms): {out['by_turn_ttft_prompt_ms_predicted_ms']}", file=sys.stderr)
     if rounds and len(args.policies) == 2:
         out.update(agents_summary(rounds))
         print(f"ratios: {out['ratios']}", file=sys.stderr, flush=True)
@@ -344,6 +372,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
     if res.get("evaluated_by_turn"):
         by_turn = "; ".join(f"{role}: {counts}" for role, counts in res["evaluated_by_turn"].items())
         lines += ["", f"Prompt tokens evaluated by turn (turn 0 first, all rounds): {by_turn}."]
+    if res.get("by_turn_ttft_prompt_ms_predicted_ms"):
+        lines += ["", "Median by turn, [TTFT s, prompt ms, answer ms] (turn 0 first):", ""]
+        lines += [f"- {role}: {v}" for role, v in res["by_turn_ttft_prompt_ms_predicted_ms"].items()]
     if "skew" in res:
         lines += [
             "",
@@ -388,21 +419,33 @@ def main() -> int:
     )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--name", default="cache_routing", help="results file name, without .md/.json")
+    p.add_argument(
+        "--pin-slots",
+        choices=("true", "false"),
+        help="pin_slots of the prefix pool's replicas (default: modelfleet's, on in a prefix pool)",
+    )
     args = p.parse_args()
+    args.pin_slots = None if args.pin_slots is None else args.pin_slots == "true"
     command = "python bench/cache_routing.py " + shlex.join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="cachebench-") as tmp:
-        ports = free_ports(5)
+        ports = free_ports(7)
         path = Path(tmp) / "stack.yaml"
         path.write_text(
             stack_yaml(
-                ports[:4], ports[4], Path(tmp) / "state", args.cache_ram, args.share_min_chars, tuple(args.server_arg)
+                ports[:6],
+                ports[6],
+                Path(tmp) / "state",
+                args.cache_ram,
+                args.share_min_chars,
+                tuple(args.server_arg),
+                args.pin_slots,
             )
         )
         cfg = load_config_file(path)
         stack = Stack(cfg, Path(tmp) / "state", probe_binary(find_llama_server(cfg)), say=lambda m: None)
         try:
             stack.start(stack.select())
-            res = asyncio.run(run(args, f"http://127.0.0.1:{ports[4]}"))
+            res = asyncio.run(run(args, f"http://127.0.0.1:{ports[6]}"))
         finally:
             stack.stop()
     res["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f} at the end"
@@ -410,10 +453,11 @@ def main() -> int:
         f"{args.sessions} sessions x {args.turns} turns, system prompt ~{args.system_tokens} tokens, "
         f"~120-token tool result per turn, think time {args.think_s:g} s, max_tokens {args.max_tokens}, "
         f"{args.rounds} rounds per policy; "
-        "2 SmolLM2-135M replicas, 2 slots and 1 thread each"
+        "2 SmolLM2-135M replicas per policy, 2 slots and 1 thread each"
         + ("" if args.cache_ram is None else f", --cache-ram {args.cache_ram}")
         + (f", args {' '.join(args.server_arg)}" if args.server_arg else "")
         + f", slot_save on, api.share_prefix_min_chars {args.share_min_chars}"
+        + ("" if args.pin_slots is None else f", prefix replicas pin_slots {str(args.pin_slots).lower()}")
     )
     res["command"] = command
     args.out.mkdir(parents=True, exist_ok=True)

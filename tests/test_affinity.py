@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fakes.fleet import make_router
-from modelfleet.affinity import Affinity, RouteKey, route_key
+from modelfleet.affinity import Affinity, RouteKey, SlotMap, route_key, with_slot
 from modelfleet.config import load_config
 from modelfleet.errors import ConfigError
 from modelfleet.fleet import Lease
@@ -257,3 +257,104 @@ def test_an_idle_stop_saves_and_the_next_start_restores_before_traffic(tmp_path:
     saves, restores, home, matched = asyncio.run(main())
     assert home in saves and home in restores
     assert (matched > 0) is verified  # only a restore that was checked brings its prefixes back
+
+
+# --- slots within an instance ------------------------------------------------------------------
+
+
+def test_a_slot_map_gives_each_conversation_the_slot_holding_most_of_it() -> None:
+    slots = SlotMap(2)
+    a, b, c = (route_key({"messages": convo(s, 0)}, pin=True) for s in range(3))
+    assert slots.take(a) == 0 and slots.take(b) == 1  # the first two fill the empty slots
+    slots.release(0), slots.release(1)
+    a2 = route_key({"messages": convo(0, 1)}, pin=True)
+    assert slots.take(a2) == 0  # its own slot, though slot 0 was used less recently
+    slots.release(0)
+    # A third conversation shares only the system prompt with both: the least recently used one moves out.
+    assert slots.take(c) == 1
+    assert slots.stats() == {"hits": 2, "moves": 0}  # every choice found at least the system prompt
+    assert slots.take(b) == 0  # slot 1 is busy: b goes where a was (both evict to the RAM cache)
+    assert slots.take(a) is None  # every slot busy: the server chooses
+
+
+def test_among_equal_matches_the_slot_holding_least_besides_wins() -> None:
+    slots = SlotMap(3)
+    long_convo = route_key({"messages": convo(0, 5)}, pin=True)
+    assert slots.take(long_convo) == 0
+    slots.release(0)
+    head = route_key({"messages": [SYSTEM]}, pin=True)
+    assert slots.given(1, head, used=0)  # a shared prefix restored into slot 1
+    fresh = route_key({"messages": convo(1, 0)}, pin=True)
+    assert slots.take(fresh) == 1  # slot 1 holds the system prompt and nothing else to move out
+    slots.release(1)
+    unrelated = route_key({"messages": [{"role": "user", "content": "hi"}]}, pin=True)
+    assert slots.take(unrelated) == 2  # nothing matches: the empty slot, not a conversation
+    assert slots.stats()["moves"] == 0
+
+
+def test_a_restore_does_not_claim_a_slot_a_request_took_meanwhile() -> None:
+    slots = SlotMap(1)
+    head = route_key({"messages": [SYSTEM]}, pin=True)
+    stamp = slots.used[0]
+    assert slots.take(route_key({"messages": convo(3, 2)}, pin=True)) == 0
+    slots.release(0)
+    assert not slots.given(0, head, stamp)  # the request's content is in the slot now
+
+
+def test_only_single_completions_that_name_no_slot_are_pinned() -> None:
+    assert route_key({"messages": convo(0, 0)}, pin=True).pin
+    assert not route_key({"messages": convo(0, 0)}).pin
+    assert not route_key({"messages": convo(0, 0), "id_slot": 1}, pin=True).pin  # the client chose
+    assert route_key({"prompt": ["one prompt"]}, pin=True).pin
+    assert not route_key({"prompt": ["a", "batch"]}, pin=True).pin  # a batch takes several slots
+
+
+@pytest.mark.parametrize(
+    ("body", "pinned"),
+    [
+        (b'{"model": "m"}', b'{"id_slot":3,"model": "m"}'),
+        (b'  \n{ "a": 1 }', b'{"id_slot":3,"a": 1 }'),
+        (b"{}", b'{"id_slot":3}'),
+        (b"{ }", b'{"id_slot":3}'),
+        (b'\xef\xbb\xbf{"a":1}', b'{"id_slot":3,"a":1}'),
+        (b"[1]", None),
+    ],
+)
+def test_a_slot_goes_first_into_the_request_body(body: bytes, pinned: bytes | None) -> None:
+    import json
+
+    out = with_slot(body, 3)
+    assert out == pinned
+    if out is not None:
+        assert json.loads(out)["id_slot"] == 3
+
+
+def test_a_pinning_instance_gets_id_slot_through_its_lease_and_frees_it(tmp_path: Path) -> None:
+    async def main() -> tuple[list[int | None], list[bool], list[int | None]]:
+        router, _, _ = make_router(tmp_path, POOL)
+        _ready(router, "server_9101", "server_9102", "server_9103", "server_9104")
+        pool, solo = router.resolve("chat"), router.resolve("solo")
+        route = route_key({"messages": convo(0, 0)}, pin=True)
+        leases = [await router.lease(pool, route=route)]
+        inst = leases[0].instance
+        leases.append(router.fleet.take(inst, route))  # a twin on the same instance, at once
+        slots = [lease.slot for lease in leases]
+        assert inst.slot_map is not None
+        for lease in leases:
+            lease.release()
+            lease.release()  # once only
+        unpinned = await router.lease(pool, route=route_key({"messages": convo(0, 0)}))  # e.g. an embedding
+        single = await router.lease(solo, route=route_key({"messages": convo(0, 0)}, pin=True))
+        busy = list(inst.slot_map.busy)
+        # A restart (on a new spec) starts a new map; a lease from before frees its slot in the old one.
+        old_map, held = inst.slot_map, router.fleet.take(inst, route)
+        router.fleet.move(inst, State.STOPPED)
+        router.fleet.move(inst, State.STARTING)
+        assert inst.slot_map is not old_map and inst.slot_map is not None and inst.slot_map.held[0] == {}
+        held.release()
+        assert old_map.busy == [False] * 4
+        return slots, busy, [unpinned.slot, single.slot]
+
+    slots, busy, others = asyncio.run(main())
+    assert slots == [0, 1] and busy == [False] * 4
+    assert others == [None, None]  # not a completion; a least_busy single instance does not pin

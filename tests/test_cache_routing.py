@@ -186,6 +186,63 @@ def test_a_long_system_prompt_is_evaluated_once_and_shared_with_every_replica(
     assert later["tokens"] - sharing["tokens"] < 60  # evaluated where it was cached already
 
 
+def _agents_on_one_slot(f: Fleet) -> list[tuple[str, int, int]]:
+    """Two conversations on one system prompt taking turns on a one-slot server: (name, cache_n, before)
+    for each turn, ``before`` being the tokens that conversation's previous request held."""
+    histories = {name: [{"role": "system", "content": LONG_SYSTEM}] for name in "AB"}
+    held = {"A": 0, "B": 0}
+    turns = []
+    for turn, name in enumerate("ABABA"):
+        history = histories[name]
+        history.append({"role": "user", "content": f"agent {name}, step {turn}: the tool printed {turn * 7919}"})
+        t = ask(f, history)["timings"]
+        turns.append((name, t["cache_n"], held[name]))
+        held[name] = t["prompt_n"] + t["cache_n"]
+        history.append({"role": "assistant", "content": "ok"})
+    return turns
+
+
+def test_pinned_slots_keep_each_agents_history_when_agents_take_turns(
+    door: Callable[..., Fleet], tiny_model: Path
+) -> None:
+    (port,) = free_ports(1)
+    f = door("servers:\n" + srv("m", tiny_model, port, "[chat]", ctx_size=8192, pin_slots="true"))
+    assert "--slot-prompt-similarity" in f.stack.specs(["m"])[0].argv
+    turns = _agents_on_one_slot(f)
+    for _name, cached, before in turns[2:]:  # each comes back whole: only its new message is evaluated
+        assert cached >= before - 1, turns
+    pins = httpx.get(f.url + "/admin/status", timeout=10).json()["instances"][0]["pinned_slots"]
+    assert pins == {"hits": 4, "moves": 0}, pins  # every later turn found the system prompt in slot 0
+
+
+def test_without_pinned_slots_agents_sharing_a_system_prompt_lose_their_histories(
+    door: Callable[..., Fleet], tiny_model: Path
+) -> None:
+    """Why pinning exists: llama-server's own slot reuse overwrites a conversation that shares half its
+    content with the next prompt, without keeping it, so every turn pays the agent's whole history."""
+    (port,) = free_ports(1)
+    f = door("servers:\n" + srv("m", tiny_model, port, "[chat]", ctx_size=8192, pin_slots="false"))
+    turns = _agents_on_one_slot(f)
+    for _name, cached, before in turns[2:]:
+        assert cached < before - 50, turns  # the cache held the system prompt, not the agent's last turn
+
+
+def test_a_lone_conversation_keeps_its_slot_on_a_pinning_server_with_several(
+    door: Callable[..., Fleet], tiny_model: Path
+) -> None:
+    (port,) = free_ports(1)
+    f = door("servers:\n" + srv("m", tiny_model, port, "[chat]", parallel=2, ctx_size=8192, pin_slots="true"))
+    history = [{"role": "system", "content": SYSTEM}]
+    evaluated = []
+    for turn in range(4):
+        history.append({"role": "user", "content": f"question {turn}"})
+        answer = ask(f, history)
+        evaluated.append(answer["timings"]["prompt_n"])
+        history.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+    # Left to the server with similarity off, turn 2 would go to the other slot and pay everything again.
+    assert all(n < evaluated[0] // 3 for n in evaluated[1:]), evaluated
+
+
 def test_short_or_unshareable_prompts_are_not_seeded(door: Callable[..., Fleet], tiny_model: Path) -> None:
     a, b = free_ports(2)
     # No slot_save: nothing can be restored, so nothing is seeded; a short prompt never is.

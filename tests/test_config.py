@@ -928,6 +928,34 @@ def test_no_binary_means_no_checks(tmp_path: Path) -> None:
     assert "--mlock" in argv
 
 
+def test_servers_in_a_prefix_pool_pin_slots_unless_told_otherwise(tmp_path: Path) -> None:
+    base = """
+servers:
+  chat: {model: m.gguf, ports: [8101, 8102], roles: [chat]PIN}
+  solo: {model: m.gguf, port: 8103, roles: [solo]}
+  emb: {model: m.gguf, ports: [8104, 8105], roles: [embed], embeddings: {}}
+"""
+    cfg = load(base.replace("PIN", ""), str(tmp_path / "stack.yaml"))
+    assert [cfg.pins_slots(n) for n in ("chat", "solo", "emb")] == [True, False, False]
+    argv = server_args(cfg, "chat", cfg.servers["chat"], 8101, binary(ALL_FLAGS | {"--slot-prompt-similarity"}))
+    assert value_of(argv, "--slot-prompt-similarity") == "1"
+    assert "--slot-prompt-similarity" not in server_args(cfg, "solo", cfg.servers["solo"], 8103, None)
+    # A binary without the flag: an automatic pin is left out, an explicit one is an error naming the key.
+    assert "--slot-prompt-similarity" not in server_args(cfg, "chat", cfg.servers["chat"], 8101, binary())
+    explicit = load(base.replace("PIN", ", pin_slots: true"), str(tmp_path / "stack.yaml"))
+    with pytest.raises(ConfigError, match=r"servers\.chat\.pin_slots: --slot-prompt-similarity is not accepted"):
+        server_args(explicit, "chat", explicit.servers["chat"], 8101, binary())
+    assert not load(base.replace("PIN", ", pin_slots: false"), "s.yaml").pins_slots("chat")
+    assert load(base.replace("PIN", "") + "routing: {chat: least_busy}\n", "s.yaml").pins_slots("chat") is False
+    # Slot choice left to the server by the user's own args: no automatic pin, and no explicit one.
+    own = base.replace("PIN", ", args: [--slot-prompt-similarity, '0']")
+    assert not load(own, "s.yaml").pins_slots("chat")
+    with pytest.raises(ConfigError, match="pin_slots sets --slot-prompt-similarity itself"):
+        load(own.replace("args:", "pin_slots: true, args:"), "s.yaml")
+    with pytest.raises(ConfigError, match="an embedding server has no conversations"):
+        load(base.replace("PIN", "").replace("embeddings: {}", "embeddings: {}, pin_slots: true"), "s.yaml")
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -17,6 +17,16 @@ cold one there. This module picks that instance, but never at any price:
   sticky or cached instance over that bound loses the request to one with room. With no
   match, the least loaded instance wins, ties broken by rendezvous hashing of the first
   link, so new prefixes spread and simultaneous twins meet.
+* **Slots.** Within an instance that pins slots (``pin_slots``), :class:`SlotMap` gives each
+  completion request the idle slot that last held most of its prefix (else the least
+  recently used one), sent as ``id_slot``. The server runs with
+  ``--slot-prompt-similarity 1``, so each request saves its slot's content to the RAM
+  prompt cache and loads the best cached prompt for itself: a conversation whose slot
+  another took comes back whole, and one that keeps its slot pays only its new tokens.
+  (By default llama-server reuses a slot sharing half its content with the new prompt
+  without saving it, so agents with one long system prompt overwrite each other's
+  histories; and with similarity off but slots left to the server, a lone conversation
+  alternates between slots, paying every turn twice.)
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ class RouteKey:
     session: str | None = None
     # The first message when it is a system prompt: what prefix sharing (share.py) evaluates once.
     head: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+    pin: bool = field(default=False, compare=False)  # a completion the front door may pin to a slot
 
     def __bool__(self) -> bool:
         return bool(self.chain) or self.session is not None
@@ -73,21 +84,35 @@ def _chain(parts: Iterable[bytes]) -> tuple[tuple[bytes, int], ...]:
     return tuple(out)
 
 
-def route_key(payload: Mapping[str, Any], session: str | None = None) -> RouteKey:
-    """The routing key of a request body: its prefix chain, and the session (a header, else ``user``)."""
+def route_key(payload: Mapping[str, Any], session: str | None = None, pin: bool = False) -> RouteKey:
+    """The routing key of a request body: its prefix chain, and the session (a header, else ``user``).
+
+    ``pin``: the request is a completion that may be pinned to a slot, unless it names one itself."""
     if session is None and isinstance(payload.get("user"), str) and payload["user"]:
         session = payload["user"]
+    pin = pin and "id_slot" not in payload
     messages = payload.get("messages")
     if isinstance(messages, list) and messages:
         first = messages[0]
         head = first if isinstance(first, dict) and first.get("role") == "system" else None
-        return RouteKey(_chain(_canon(m) for m in messages), session, head)
+        return RouteKey(_chain(_canon(m) for m in messages), session, head, pin)
     prompt = payload.get("prompt", payload.get("content"))
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
-        return RouteKey(_chain(_blocks(prompt.encode("utf-8", "surrogatepass"))), session)
-    return RouteKey((), session)
+        return RouteKey(_chain(_blocks(prompt.encode("utf-8", "surrogatepass"))), session, pin=pin)
+    return RouteKey((), session)  # nothing to chain (nor to pin: a batch of prompts takes several slots)
+
+
+def with_slot(body: bytes, slot: int) -> bytes | None:
+    """The JSON object ``body`` with ``"id_slot": slot`` first; None if it does not start as an object."""
+    start = body.lstrip(b" \t\r\n")
+    if start.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, which the JSON parse allowed
+        start = start[3:].lstrip(b" \t\r\n")
+    if not start.startswith(b"{"):
+        return None
+    rest = start[1:].lstrip(b" \t\r\n")
+    return b'{"id_slot":%d%s' % (slot, b"" if rest.startswith(b"}") else b",") + rest
 
 
 def _blocks(data: bytes) -> Iterable[bytes]:
@@ -206,6 +231,69 @@ class Affinity:
             "sessions": len(self.sessions),
             "links": sum(len(k) for k in self.known.values()),
         }
+
+
+class SlotMap:
+    """The slots of one instance as the front door pinned them: which are in use, and which
+    prefix each was last given. Runs on the event loop, changed only through the Fleet."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.held: list[dict[bytes, int]] = [{} for _ in range(size)]  # per slot: link -> characters covered
+        self.busy = [False] * size
+        self.used = [0] * size  # when each was last given out, by a counter: 0 never
+        self._tick = 0
+        self.hits = 0  # requests given a slot that held part of their prefix
+        self.moves = 0  # requests given a slot that held none of it (its content went to the RAM cache)
+
+    def match(self, slot: int, route: RouteKey) -> int:
+        """Characters of the request's prefix the slot was last given (0: none)."""
+        held = self.held[slot]
+        if held:
+            for link, covered in reversed(route.chain):
+                if link in held:
+                    return covered
+        return 0
+
+    def take(self, route: RouteKey) -> int | None:
+        """An idle slot for the request, now marked busy and holding its prefix; None if all are busy.
+        The one holding most of the prefix wins; among equals the one holding least besides (the least
+        to move out to the RAM cache), then the least recently used."""
+        best, best_key = None, (-1, 0, 0)
+        for slot in range(self.size):
+            if not self.busy[slot]:
+                held = self.held[slot]
+                key = (self.match(slot, route), -max(held.values(), default=0), -self.used[slot])
+                if key > best_key:
+                    best, best_key = slot, key
+        if best is None:
+            return None
+        if best_key[0]:
+            self.hits += 1
+        elif self.held[best]:
+            self.moves += 1
+        self.busy[best] = True
+        self._tick += 1
+        self.used[best] = self._tick
+        self.held[best] = dict(route.chain)
+        return best
+
+    def release(self, slot: int) -> None:
+        self.busy[slot] = False
+
+    def given(self, slot: int, route: RouteKey, used: int) -> bool:
+        """A shared prefix was restored into an idle slot: it holds that now. False if a request took
+        the slot since ``used`` (its stamp when the restore began): then that request's content is there."""
+        if self.busy[slot] or self.used[slot] != used:
+            return False
+        self.held[slot] = dict(route.chain)
+        return True
+
+    def idle(self) -> list[int]:
+        return [s for s in range(self.size) if not self.busy[s]]
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "moves": self.moves}
 
 
 def _lighter(a: Candidate, b: Candidate) -> bool:

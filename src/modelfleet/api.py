@@ -75,6 +75,8 @@ MODEL_ROUTES = frozenset(
         "/apply-template",
     }
 )
+# Completions: the routes whose requests a slot-pinning instance (affinity.SlotMap) gets with an id_slot.
+PIN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/completion", "/completions"})
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -293,16 +295,16 @@ class FrontDoor:
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "'model' must be a string naming a role, alias or task type", "invalid_request_error")
         pool = self._pool(name)
-        route = self._route(pool, incoming, payload)
+        route = self._route(pool, incoming, payload, pin=path in PIN_ROUTES)
         return await self.proxy(incoming, pool, path, stream=payload.get("stream") is True, route=route)
 
-    def _route(self, pool: Pool, incoming: Incoming, payload: Mapping[str, Any]) -> affinity.RouteKey | None:
-        """The routing key of a request to a pool that routes by prefix (None for the others)."""
-        if pool.affinity is None:
+    def _route(self, pool: Pool, incoming: Incoming, payload: Mapping[str, Any], pin: bool) -> affinity.RouteKey | None:
+        """The routing key of a request to a pool that routes by prefix or pins slots (None for the others)."""
+        if not pool.keyed:
             return None
         header = self.cfg.api.session_header
         session = incoming.headers.get(header.lower()) if header else None
-        return affinity.route_key(payload, session or None)
+        return affinity.route_key(payload, session or None, pin)
 
     async def upstream_route(self, request: Request) -> Response:
         pool = self._pool(request.path_params["role"])
@@ -361,9 +363,12 @@ class FrontDoor:
             lease = await self._lease(pool, exclude, route)
             backend = lease.instance
             self.metrics.child(self.metrics.queue_wait, pool.role).observe(time.perf_counter() - t0)
+            body = incoming.body
+            if lease.slot is not None:
+                body = affinity.with_slot(body, lease.slot) or body
             try:
                 response = await self.router.client.request(
-                    incoming.method, backend.reach_host, backend.port, target, headers, incoming.body
+                    incoming.method, backend.reach_host, backend.port, target, headers, body
                 )
                 try:
                     # The answer starts with its first body byte: until then, nothing has gone to the

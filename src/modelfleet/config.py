@@ -330,6 +330,10 @@ class ServerConfig(Component):
     cache_type_v: CacheType | None = None
     large: bool | None = None
     slot_save: bool = False  # --slot-save-path <state dir>/slots/<port>: lets checkpoints save the KV cache
+    # The front door picks the slot of each completion request (id_slot: the idle slot holding most of
+    # its prefix) and the server moves slot contents through its RAM prompt cache on every change of
+    # conversation (--slot-prompt-similarity 1). None: on when the server is in a prefix-routed pool.
+    pin_slots: bool | None = None
 
     @field_validator("args")
     @classmethod
@@ -344,6 +348,16 @@ class ServerConfig(Component):
     @property
     def is_vision(self) -> bool:
         return self.mmproj is not None
+
+    @model_validator(mode="after")
+    def _pinning(self) -> ServerConfig:
+        if self.pin_slots and self.embeddings is not None:
+            raise ValueError("pin_slots: an embedding server has no conversations to keep; remove pin_slots")
+        if self.pin_slots and _sets_similarity(self.args):
+            raise ValueError(
+                "pin_slots sets --slot-prompt-similarity itself; remove it from args (or set pin_slots: false)"
+            )
+        return self
 
     def effective_health_timeout_s(self) -> float:
         """Vision servers load a projector too, so they get longer by default."""
@@ -549,6 +563,13 @@ MANAGED_FLAGS = frozenset(
 )
 
 
+SIMILARITY_FLAGS = frozenset({"-sps", "--slot-prompt-similarity"})
+
+
+def _sets_similarity(args: list[str]) -> bool:
+    return any(a.split("=", 1)[0] in SIMILARITY_FLAGS for a in args)
+
+
 class PlacementConfig(Strict):
     """Where instances run: this machine, or the nodes of a Ray cluster (``modelfleet[ray]``)."""
 
@@ -688,6 +709,21 @@ class StackConfig(Strict):
     def pool_routing(self, role: str, instances: int) -> Routing:
         """How the pool of ``role`` picks among its ``instances``: as configured, else prefix when there is a choice."""
         return self.routing.get(role, "prefix" if instances > 1 else "least_busy")
+
+    def pins_slots(self, name: str) -> bool:
+        """Whether the front door picks the slot of each completion request to server ``name``:
+        as configured, else when one of its roles routes by prefix (and its args leave slot choice alone)."""
+        srv = self.servers[name]
+        if srv.pin_slots is not None:
+            return srv.pin_slots
+        if srv.embeddings is not None or _sets_similarity(srv.args):
+            return False
+        comps = self.components()
+        return any(
+            self.pool_routing(role, sum(len(comps[c].instance_ports()) for c in names)) == "prefix"
+            for role, names in self.roles().items()
+            if role in srv.roles
+        )
 
     def _check_hooks(self) -> list[str]:
         errs: list[str] = []

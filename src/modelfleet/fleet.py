@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelfleet.affinity import RouteKey, SlotMap
 from modelfleet.config import Tier
 from modelfleet.errors import IllegalTransition
 from modelfleet.instance import Handle, reach_host
@@ -47,6 +48,8 @@ class Instance:
 
     def __post_init__(self) -> None:
         self.slots = self.spec.slots
+        # Which slot each completion request gets, when the front door pins them (affinity.SlotMap).
+        self.slot_map = SlotMap(self.slots) if self.spec.pin_slots else None
         # Read on every request: plain attributes, not properties over the spec.
         self.key, self.name, self.component = self.spec.key, self.spec.name, self.spec.component
         self.port, self.reach_host, self.tier, self.roles = (
@@ -111,6 +114,9 @@ class Fleet:
         if old is not new and not allowed(old, new):
             raise IllegalTransition(f"{inst.name}: {old} -> {new} is not a lifecycle transition")
         inst.state, inst.detail, inst.since = new, detail, self.clock()
+        if new is State.STARTING and (inst.slot_map is not None or inst.spec.pin_slots):
+            # A new process, on the spec as it is now: its slots hold nothing a map knew.
+            inst.slot_map = SlotMap(inst.spec.slots) if inst.spec.pin_slots else None
         if new is State.READY:
             inst.probe_failures = 0
             inst.last_used = self.clock()
@@ -126,13 +132,19 @@ class Fleet:
 
     # --- slots ------------------------------------------------------------------------
 
-    def take(self, inst: Instance) -> Lease:
+    def take(self, inst: Instance, route: RouteKey | None = None) -> Lease:
+        """One of the instance's slots for a request; a numbered one if the instance pins slots and
+        ``route`` is a completion that may be pinned (the slot to send as ``id_slot``)."""
         inst.in_flight += 1
         inst.served += 1
         inst.last_used = self.clock()
-        return Lease(self, inst)
+        slots = inst.slot_map if route is not None and route.pin else None
+        slot = slots.take(route) if slots is not None and route is not None else None
+        return Lease(self, inst, slot, slots if slot is not None else None)
 
-    def _release(self, inst: Instance) -> None:
+    def _release(self, inst: Instance, slot: int | None, slots: SlotMap | None) -> None:
+        if slot is not None and slots is not None:
+            slots.release(slot)  # the map it was taken from, though a restart has replaced it since
         inst.in_flight -= 1
         inst.last_used = self.clock()
         if inst.in_flight == 0 and inst._idle is not None:
@@ -162,15 +174,17 @@ class Lease:
     """One request's slot on an instance. Released once, however many times :meth:`release` is called,
     and on leaving an ``async with`` block, so no path can keep a slot."""
 
-    __slots__ = ("_fleet", "_released", "instance")
+    __slots__ = ("_fleet", "_released", "_slots", "instance", "slot")
 
-    def __init__(self, fleet: Fleet, instance: Instance) -> None:
+    def __init__(self, fleet: Fleet, instance: Instance, slot: int | None = None, slots: SlotMap | None = None) -> None:
         self._fleet, self.instance, self._released = fleet, instance, False
+        self.slot = slot  # the llama-server slot the request is pinned to (None: the server chooses)
+        self._slots = slots
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._fleet._release(self.instance)
+            self._fleet._release(self.instance, self.slot, self._slots)
 
     @property
     def released(self) -> bool:

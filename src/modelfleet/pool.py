@@ -80,7 +80,12 @@ class Pool:
     def _take(self, inst: Instance, route: RouteKey | None) -> Lease:
         if route and self.affinity is not None:
             self.affinity.remember(inst.key, route)
-        return self.fleet.take(inst)
+        return self.fleet.take(inst, route)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether its requests need a routing key: it routes by prefix, or some instance pins slots."""
+        return self.affinity is not None or any(b.slot_map is not None for b in self.backends)
 
     async def acquire(
         self, wait_s: float, exclude: frozenset[str] = frozenset(), route: RouteKey | None = None

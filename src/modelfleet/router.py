@@ -247,6 +247,8 @@ class Router:
                     "prompt_evaluated": sum(n for (_, i), n in self.counters.prompt_evaluated.items() if i == b.name),
                     "prompt_cached": sum(n for (_, i), n in self.counters.prompt_cached.items() if i == b.name),
                     "detail": b.detail,
+                    # Slot pinning (affinity.SlotMap): requests given a slot holding their prefix, or moved.
+                    "pinned_slots": b.slot_map.stats() if b.slot_map is not None else None,
                 }
                 for b in self.fleet
             ],

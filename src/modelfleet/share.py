@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelfleet import upstream, warmkv
+from modelfleet import affinity, upstream, warmkv
 from modelfleet.affinity import RouteKey
 from modelfleet.errors import UpstreamError
 from modelfleet.fleet import Fleet, Instance
@@ -179,12 +179,16 @@ class Sharing:
         if not free:
             return False
         src = max(free, key=lambda b: (aff.holds(b.key, link), -b.in_flight))
-        lease = self.fleet.take(src)
+        first = affinity.route_key({"messages": [head]}, pin=True)  # the prefix alone, as its first link
+        lease = self.fleet.take(src, first)
         try:
-            idle = await self._idle_slots(src)
-            if not idle:
-                return False
-            slot = idle[0]
+            if lease.slot is not None:
+                slot = lease.slot  # a slot-pinning instance: the slot map chose (and now marks) it
+            else:
+                idle = await self._idle_slots(src)
+                if not idle:
+                    return False
+                slot = idle[0]
             rendered = await self._call(src, "/apply-template", {"messages": [head]})
             prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
             if not isinstance(prompt, str) or not prompt:
@@ -208,7 +212,7 @@ class Sharing:
                 if b.key in lacking and b.state is State.READY and b.spec.component == src.spec.component
             ]
             results = await asyncio.gather(
-                *(self._restore(b, src_dir / filename, filename, skip=slot if b is src else None) for b in targets)
+                *(self._restore(b, src_dir / filename, filename, first, slot if b is src else None) for b in targets)
             )
             aff.remember(src.key, _one(link))
             for b, n in zip(targets, results, strict=True):
@@ -230,18 +234,26 @@ class Sharing:
         )
         return all(n or b is src for b, n in zip(targets, results, strict=True))
 
-    async def _restore(self, inst: Instance, source: Path, filename: str, skip: int | None) -> int:
-        """Restore the saved prefix into the instance's idle slots; how many took it."""
+    async def _restore(self, inst: Instance, source: Path, filename: str, first: RouteKey, skip: int | None) -> int:
+        """Restore the saved prefix into the instance's idle slots; how many took it.
+
+        A restore overwrites what an idle slot held; llama-server keeps a copy of every idle slot in
+        its RAM prompt cache from the next request on (``--cache-idle-slots``, on by default), where
+        a pinned request finds it again. On an instance that pins slots, a slot the map has given to
+        a request is left alone, and the map learns which slots hold the prefix now."""
         try:
             target = Path(inst.spec.slot_dir or "") / filename
             if target != source:
                 _link(source, target)
             done = 0
+            slots = inst.slot_map
             for slot in await self._idle_slots(inst):
-                if slot == skip:
+                if slot == skip or (slots is not None and slots.busy[slot]):
                     continue
+                used = slots.used[slot] if slots is not None else 0
                 await self._call(inst, f"/slots/{slot}?action=restore", {"filename": filename})
-                done += 1
+                if slots is None or slots.given(slot, first, used):
+                    done += 1
             return done
         except Failure as exc:
             log.warning("%s: the shared prefix was not restored: %s", inst.name, exc)

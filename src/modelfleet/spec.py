@@ -170,6 +170,7 @@ class InstanceSpec(Identity):
     large: bool = False
     required_files: tuple[tuple[str, str], ...] = ()  # (key path, file)
     slot_dir: str | None = None  # --slot-save-path; created before the spawn (llama-server requires it)
+    pin_slots: bool = False  # the front door picks each completion request's slot (affinity.SlotMap)
 
     @property
     def slots(self) -> int:
@@ -268,6 +269,7 @@ def _server_spec(
         large=_is_large(cfg, srv, model),
         required_files=tuple(files),
         slot_dir=str(slots) if slots is not None else None,
+        pin_slots=PIN_FLAG in argv,
     )
 
 
@@ -311,6 +313,9 @@ def _is_large(cfg: StackConfig, srv: ServerConfig, model: Path) -> bool:
         except OSError:
             size_gb = 0.0
     return size_gb >= cfg.start.large_model_gb
+
+
+PIN_FLAG = "--slot-prompt-similarity"
 
 
 def server_args(cfg: StackConfig, name: str, srv: ServerConfig, port: int, binary: BinaryInfo | None) -> list[str]:
@@ -373,6 +378,10 @@ def server_args(cfg: StackConfig, name: str, srv: ServerConfig, port: int, binar
     if cfg.memory.log_buffers and (binary is None or binary.accepts("--verbosity")):
         # libllama logs its buffer sizes at INFO, which llama-server shows from verbosity 4 (trace) up.
         add("memory.log_buffers", "--verbosity", "4")
+    if cfg.pins_slots(name) and (srv.pin_slots or binary is None or binary.accepts(PIN_FLAG)):
+        # Every slot the front door gives a request is saved to the RAM prompt cache and the best cached
+        # prompt loaded: no reuse by similarity, which overwrites a conversation sharing a system prompt.
+        add("pin_slots", PIN_FLAG, "1")
     if srv.args:
         add("args", *srv.args)
     if binary is not None:
