@@ -19,6 +19,9 @@ second, and the tokens evaluated by turn. ``--server-arg`` adds llama-server arg
 to the replicas (``--server-arg=--slot-prompt-similarity --server-arg=0``);
 ``--policies px`` runs one policy alone.
 
+``--system-tokens`` is an estimate from short rules: 1500 gives about 2,020 SmolLM2 tokens
+(the shared seed's count in the results), as every result here was measured with.
+
 Scenario 1b (skew): one hot session sends 6 requests at once while 2 others go on,
 on ``px``: how the load split between the replicas.
 
