@@ -63,8 +63,11 @@ def body(model: str, stream: bool = False) -> dict[str, Any]:
 
 
 @contextmanager
-def modelfleet_stack(model: Path, parallel: int, threads: int, work: Path) -> Iterator[tuple[str, str]]:
-    """llama-server + the front door, as `modelfleet start` runs them. Yields (direct, front door)."""
+def modelfleet_stack(
+    model: Path, parallel: int, threads: int, work: Path, pin_slots: bool = False
+) -> Iterator[tuple[str, str]]:
+    """llama-server + the front door, as `modelfleet start` runs them. Yields (direct, front door).
+    ``pin_slots``: the front door picks each request's slot (and the server runs with similarity 1)."""
     srv, api = free_ports(2)
     cfg_path = work / "stack.yaml"
     cfg_path.write_text(
@@ -78,6 +81,7 @@ def modelfleet_stack(model: Path, parallel: int, threads: int, work: Path) -> It
                 parallel: {parallel}
                 ctx_size: {2048 * parallel}
                 threads: {threads}
+                pin_slots: {str(pin_slots).lower()}
             api: {{port: {api}, queue_max: 1024}}
             """
         )
@@ -307,6 +311,7 @@ def render(res: dict[str, Any], summary: dict[str, Any], meta: dict[str, Any]) -
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}; machine: {meta['machine']}; load generator: {meta['loadgen']}; "
         f"model: {meta['model']}; slots: {meta['parallel']}; llama-server threads: {meta['threads']}; "
+        f"pin_slots: {str(meta.get('pin_slots', False)).lower()}; "
         f"{meta['seconds']:g} s per load level; median of {meta['rounds']} interleaved rounds.",
         "",
         "Short requests (max_tokens 1) go one at a time to each target in turn, so the per-pair",
@@ -351,12 +356,15 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--pin-slots", action="store_true", help="the server pins slots (pin_slots: true): what pinning adds"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mf-bench-") as tmp:
         work = Path(tmp)
         model = args.model or (write_tiny_llama(work / "tiny.gguf") if args.tiny else provision.ensure_dev_model())
         with (
-            modelfleet_stack(model, args.parallel, args.threads, work) as (direct, door),
+            modelfleet_stack(model, args.parallel, args.threads, work, args.pin_slots) as (direct, door),
             router_mode(model, args.parallel, args.threads, work) as router,
         ):
             targets = {"direct": (direct, "bench"), "frontdoor": (door, "bench"), "router_mode": (router, "bench")}
@@ -371,6 +379,7 @@ def main() -> int:
         "model": model.name,
         "parallel": args.parallel,
         "threads": args.threads,
+        "pin_slots": args.pin_slots,
         "seconds": args.seconds,
         "rounds": args.rounds,
     }
