@@ -10,6 +10,7 @@ import pytest
 from modelfleet.config import load_config
 from modelfleet.errors import ConfigError
 from modelfleet.launcher import LocalLauncher
+from modelfleet.memory import GB
 from modelfleet.placement import launcher_for
 
 
@@ -110,3 +111,23 @@ def test_an_instance_asks_for_its_node_resource_and_labels() -> None:
     ask = RayLauncher(cfg).ask(cfg, spec)
     assert ask.labels == {"zone": "a"} and ask.resources.get("big_box") == 0.001
     assert ask.describe().endswith("; labels zone=a")
+
+
+def test_warm_admission_counts_only_the_nodes_an_instance_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelfleet.ray_launcher import NodeInfo, RayLauncher
+    from modelfleet.stack import Stack
+
+    cfg = load_config(NODE % "{resource: big_box, labels: {zone: a}}")
+    (spec,) = Stack(cfg, Path("/nonexistent"), None).specs(["a"])
+    launcher = RayLauncher(cfg)
+    mem = launcher.resource
+    nodes = [
+        NodeInfo("n1", "10.0.0.1", {mem: 64.0}, {mem: 60.0, "big_box": 1.0}, {"zone": "b"}),  # wrong zone
+        NodeInfo("n2", "10.0.0.2", {mem: 64.0}, {mem: 50.0}, {"zone": "a"}),  # no big_box
+        NodeInfo("n3", "10.0.0.3", {mem: 16.0}, {mem: 6.0, "big_box": 1.0}, {"zone": "a"}),
+    ]
+    monkeypatch.setattr(launcher, "nodes", lambda: nodes)
+    assert launcher.available_bytes() == 60 * GB  # the machine-wide view: any node
+    assert launcher.available_for(cfg, spec) == 6 * GB  # only n3 can take it
+    nodes.pop()
+    assert launcher.available_for(cfg, spec) == 0

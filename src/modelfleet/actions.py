@@ -121,7 +121,12 @@ class StackActions:
 
     async def admit(self, spec: InstanceSpec, idle: Sequence[memory.IdleInstance]) -> memory.Admission:
         stack = self.stack
-        available = await asyncio.to_thread(stack.launcher.available_bytes)
+        # A launcher that places on several nodes counts only those the instance may run on.
+        available_for = getattr(stack.launcher, "available_for", None)
+        if available_for is not None:
+            available = await asyncio.to_thread(available_for, stack.cfg, spec)
+        else:
+            available = await asyncio.to_thread(stack.launcher.available_bytes)
         return await asyncio.to_thread(memory.admit, stack.cfg, stack.store.dir, spec, idle, available)
 
     async def housekeeping(self, records: dict[str, InstanceRecord]) -> None:

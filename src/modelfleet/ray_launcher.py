@@ -648,6 +648,18 @@ class RayLauncher:
         free = [n.available.get(self.resource, 0.0) for n in self.nodes()]
         return int(max(free, default=0.0) * memory.GB)
 
+    def available_for(self, cfg: StackConfig, spec: InstanceSpec) -> int:
+        """The most memory a node the instance may run on can give it now: among the nodes whose labels
+        its ``node:`` selects and that have every other resource it asks for free (WARM admission)."""
+        ask = self.ask(cfg, spec)
+        others = {k: v for k, v in ask.resources.items() if k != self.resource}
+        free = [
+            n.available.get(self.resource, 0.0)
+            for n in self.nodes()
+            if label_match(n.labels, ask.labels) and all(n.available.get(k, 0.0) >= v for k, v in others.items())
+        ]
+        return int(max(free, default=0.0) * memory.GB)
+
     def total_bytes(self) -> int:
         return int(sum(n.total.get(self.resource, 0.0) for n in self.nodes()) * memory.GB)
 
