@@ -24,7 +24,7 @@ from modelfleet.config import (
     load_config_file,
 )
 from modelfleet.errors import BinaryError, ConfigError
-from modelfleet.spec import BinaryInfo, find_llama_server, server_args
+from modelfleet.spec import BinaryInfo, find_llama_server, plan_instances, server_args
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION = ROOT / "examples" / "production.yaml"
@@ -950,6 +950,8 @@ servers:
     # Slot choice left to the server by the user's own args: no automatic pin, and no explicit one.
     own = base.replace("PIN", ", args: [--slot-prompt-similarity, '0']")
     assert not load(own, "s.yaml").pins_slots("chat")
+    (spec, _) = plan_instances(load(own, str(tmp_path / "s.yaml")), ["chat"], tmp_path, None)
+    assert "--slot-prompt-similarity" in spec.argv and not spec.pin_slots  # the user's flag: no pinning
     with pytest.raises(ConfigError, match="pin_slots sets --slot-prompt-similarity itself"):
         load(own.replace("args:", "pin_slots: true, args:"), "s.yaml")
     with pytest.raises(ConfigError, match="an embedding server has no conversations"):

@@ -269,7 +269,7 @@ def _server_spec(
         large=_is_large(cfg, srv, model),
         required_files=tuple(files),
         slot_dir=str(slots) if slots is not None else None,
-        pin_slots=PIN_FLAG in argv,
+        pin_slots=cfg.pins_slots(name) and PIN_FLAG in argv,  # ours: pinning is off when args set the flag
     )
 
 
