@@ -289,9 +289,6 @@ class SlotMap:
         self.held[slot] = dict(route.chain)
         return True
 
-    def idle(self) -> list[int]:
-        return [s for s in range(self.size) if not self.busy[s]]
-
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "moves": self.moves}
 

@@ -48,8 +48,7 @@ class Instance:
 
     def __post_init__(self) -> None:
         self.slots = self.spec.slots
-        # Which slot each completion request gets, when the front door pins them (affinity.SlotMap).
-        self.slot_map = SlotMap(self.slots) if self.spec.pin_slots else None
+        self.new_process()
         # Read on every request: plain attributes, not properties over the spec.
         self.key, self.name, self.component = self.spec.key, self.spec.name, self.spec.component
         self.port, self.reach_host, self.tier, self.roles = (
@@ -58,6 +57,11 @@ class Instance:
             self.spec.tier,
             self.spec.roles,
         )
+
+    def new_process(self) -> None:
+        """A new process, on the spec as it is now: its slots hold nothing a slot map knew."""
+        # Which slot each completion request gets, when the front door pins them (affinity.SlotMap).
+        self.slot_map = SlotMap(self.spec.slots) if self.spec.pin_slots else None
 
     @property
     def handle(self) -> Handle | None:
@@ -114,9 +118,8 @@ class Fleet:
         if old is not new and not allowed(old, new):
             raise IllegalTransition(f"{inst.name}: {old} -> {new} is not a lifecycle transition")
         inst.state, inst.detail, inst.since = new, detail, self.clock()
-        if new is State.STARTING and (inst.slot_map is not None or inst.spec.pin_slots):
-            # A new process, on the spec as it is now: its slots hold nothing a map knew.
-            inst.slot_map = SlotMap(inst.spec.slots) if inst.spec.pin_slots else None
+        if new is State.STARTING:
+            inst.new_process()
         if new is State.READY:
             inst.probe_failures = 0
             inst.last_used = self.clock()
@@ -138,8 +141,10 @@ class Fleet:
         inst.in_flight += 1
         inst.served += 1
         inst.last_used = self.clock()
-        slots = inst.slot_map if route is not None and route.pin else None
-        slot = slots.take(route) if slots is not None and route is not None else None
+        slots = inst.slot_map
+        if slots is None or route is None or not route.pin:
+            return Lease(self, inst)
+        slot = slots.take(route)
         return Lease(self, inst, slot, slots if slot is not None else None)
 
     def _release(self, inst: Instance, slot: int | None, slots: SlotMap | None) -> None:
