@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Protocol
 
 from modelfleet import health, hooks, memory, upstream, warmkv
@@ -133,15 +132,9 @@ class StackActions:
         paths = [rec.log_file for rec in records.values()]
         await asyncio.to_thread(self.stack.launcher.rotate_logs, paths, self.stack.cfg.logs)
 
-    @staticmethod
-    def _kv_target(inst: Instance) -> warmkv.Target:
-        spec = inst.spec
-        assert spec.slot_dir is not None
-        return warmkv.Target(inst.name, inst.reach_host, inst.port, inst.slots, Path(spec.slot_dir), spec.argv)
-
     async def save_kv(self, inst: Instance) -> warmkv.Outcome:
         cap = int(self.stack.cfg.worker_pool.kv_keep_mb * 1024 * 1024)
-        return await warmkv.save(self.client, self._kv_target(inst), cap)
+        return await warmkv.save(self.client, inst.kv_target(), cap)
 
     async def restore_kv(self, inst: Instance) -> warmkv.Outcome:
-        return await warmkv.restore(self.client, self._kv_target(inst))
+        return await warmkv.restore(self.client, inst.kv_target())

@@ -15,8 +15,10 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from modelfleet import warmkv
 from modelfleet.affinity import RouteKey, SlotMap
 from modelfleet.config import Tier
 from modelfleet.errors import IllegalTransition
@@ -73,6 +75,12 @@ class Instance:
         self._handle = handle
         # Read on every request: a wildcard bind on another node is reached at that node's address.
         self.reach_host = reach_host(self.spec.host, handle.address if handle is not None else "")
+
+    def kv_target(self) -> warmkv.Target:
+        """Where its slot KV caches are saved and restored (a server with ``slot_save``)."""
+        spec = self.spec
+        assert spec.slot_dir is not None
+        return warmkv.Target(self.name, self.reach_host, self.port, self.slots, Path(spec.slot_dir), spec.argv)
 
     @property
     def pid(self) -> int | None:

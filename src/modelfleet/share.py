@@ -269,8 +269,7 @@ class Sharing:
     async def _call(
         self, inst: Instance, path: str, body: dict[str, Any] | None, timeout_s: float | None = CALL_TIMEOUT_S
     ) -> Any:
-        t = warmkv.Target(inst.name, inst.reach_host, inst.port, inst.slots, Path(inst.spec.slot_dir or ""), ())
-        return await warmkv.call(self.client, t, path, body, timeout_s)
+        return await warmkv.call(self.client, inst.kv_target(), path, body, timeout_s)
 
 
 def _one(link: bytes) -> RouteKey:
