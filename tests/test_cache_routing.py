@@ -37,6 +37,18 @@ def ask(f: Fleet, history: list[dict[str, str]], role: str = "chat", **headers: 
     return data
 
 
+def converse(f: Fleet, turns: int) -> list[dict[str, Any]]:
+    """One conversation on SYSTEM, one question a turn, each answer kept: the timings of each turn."""
+    history = [{"role": "system", "content": SYSTEM}]
+    timings = []
+    for turn in range(turns):
+        history.append({"role": "user", "content": f"question {turn}"})
+        answer = ask(f, history)
+        timings.append(answer["timings"])
+        history.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+    return timings
+
+
 def metric(f: Fleet, name: str, **labels: str) -> float:
     text = httpx.get(f.url + "/metrics", timeout=10).text
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
@@ -52,13 +64,7 @@ def test_a_conversation_stays_on_one_replica_and_is_served_from_its_cache(
     a, b = free_ports(2)
     replicas = srv("r", tiny_model, a, "[chat]", parallel=2, ctx_size=2048).replace(f"port: {a}", f"ports: [{a}, {b}]")
     f = door("servers:\n" + replicas, extra="pools: [chat]\n")
-    history = [{"role": "system", "content": SYSTEM}]
-    cached = []
-    for turn in range(4):
-        history.append({"role": "user", "content": f"question {turn}"})
-        answer = ask(f, history)
-        cached.append(answer["timings"]["cache_n"])
-        history.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+    cached = [t["cache_n"] for t in converse(f, 4)]
     served = sorted(i["served"] for i in f.status().values() if i["component"] == "r")
     assert served == [0, 4]  # least busy alone would have alternated: [2, 2]
     assert cached[0] == 0 and all(n > 0 for n in cached[1:]), cached
@@ -232,13 +238,7 @@ def test_a_lone_conversation_keeps_its_slot_on_a_pinning_server_with_several(
 ) -> None:
     (port,) = free_ports(1)
     f = door("servers:\n" + srv("m", tiny_model, port, "[chat]", parallel=2, ctx_size=8192, pin_slots="true"))
-    history = [{"role": "system", "content": SYSTEM}]
-    evaluated = []
-    for turn in range(4):
-        history.append({"role": "user", "content": f"question {turn}"})
-        answer = ask(f, history)
-        evaluated.append(answer["timings"]["prompt_n"])
-        history.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+    evaluated = [t["prompt_n"] for t in converse(f, 4)]
     # Left to the server with similarity off, turn 2 would go to the other slot and pay everything again.
     assert all(n < evaluated[0] // 3 for n in evaluated[1:]), evaluated
 
