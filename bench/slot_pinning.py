@@ -26,7 +26,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -34,6 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from cache_routing import system_prompt, tool_result
 
+from modelfleet import health
 from modelfleet.affinity import SlotMap, route_key
 from modelfleet.launcher import free_ports
 from modelfleet.paths import cached_dev_model
@@ -51,17 +51,9 @@ def run(binary: Path, model: Path, extra: list[str], turns: str, slots: int, pin
     proc = subprocess.Popen([*argv, "-t", "1", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     slot_map = SlotMap(slots)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as c:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if c.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"llama-server on {port} did not become healthy")
-                time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        health.wait_all([health.Waiter(f"llama-server on {port}", url + "/health", 120.0, proc.poll)])
+        with httpx.Client(base_url=url, timeout=600) as c:
             rng = random.Random(1)
             history: dict[str, list[dict[str, str]]] = {}
             evaluated = []
