@@ -234,8 +234,13 @@ class NodeSelector(Strict):
         """``big_box``, ``labels zone=a``, ``big_box, labels zone=a, disk=ssd``."""
         parts = [self.resource] if self.resource else []
         if self.labels:
-            parts.append("labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.labels.items())))
+            parts.append("labels " + format_labels(self.labels))
         return ", ".join(parts)
+
+
+def format_labels(labels: dict[str, str]) -> str:
+    """Node labels or label selectors as messages and the plan show them: ``disk=ssd, zone=a``."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def _node_selector(v: Any) -> Any:

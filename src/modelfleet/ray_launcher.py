@@ -42,7 +42,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from modelfleet import memory
-from modelfleet.config import LogsConfig, StackConfig, Tier
+from modelfleet.config import LogsConfig, StackConfig, Tier, format_labels
 from modelfleet.errors import StartupError
 from modelfleet.instance import LOCAL_NODE, Handle, Kind, instance_key
 from modelfleet.launcher import KILL_WAIT_S, LOG_TAIL_BYTES, LocalLauncher, Say
@@ -175,7 +175,7 @@ class Ask:
 
     def describe(self) -> str:
         text = _fmt_request(self.resources)
-        return f"{text}; labels {_fmt_labels(self.labels)}" if self.labels else text
+        return f"{text}; labels {format_labels(self.labels)}" if self.labels else text
 
 
 @dataclass(frozen=True)
@@ -353,9 +353,9 @@ class RayLauncher:
             key = f"{'servers' if spec.kind is Kind.LLAMA_SERVER else 'services'}.{spec.component}"
             fit = [n for n in nodes if label_match(n.labels, ask.labels)]
             if not fit:
-                problems.append(f"  {key}.node: no node has the labels {_fmt_labels(ask.labels)}")
+                problems.append(f"  {key}.node: no node has the labels {format_labels(ask.labels)}")
                 continue
-            among = f" with the labels {_fmt_labels(ask.labels)}" if ask.labels else ""
+            among = f" with the labels {format_labels(ask.labels)}" if ask.labels else ""
             for name, amount in ask.resources.items():
                 if not any(n.total.get(name, 0.0) >= amount for n in fit):
                     what = "memory estimate" if name == self.resource and name not in _own(cfg, spec) else "request"
@@ -717,16 +717,12 @@ def label_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
     return True
 
 
-def _fmt_labels(labels: dict[str, str]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
-
-
 HIDDEN_LABELS = ("ray.io/node-id",)  # Ray's own label of each node: its id, shown anyway
 
 
 def _node_labels(n: NodeInfo) -> str:
     shown = {k: v for k, v in n.labels.items() if k not in HIDDEN_LABELS}
-    return f"; labels: {_fmt_labels(shown)}" if shown else ""
+    return f"; labels: {format_labels(shown)}" if shown else ""
 
 
 def _fmt_request(req: dict[str, float]) -> str:
