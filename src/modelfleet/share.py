@@ -214,11 +214,11 @@ class Sharing:
             results = await asyncio.gather(
                 *(self._restore(b, src_dir / filename, filename, first, slot if b is src else None) for b in targets)
             )
-            aff.remember(src.key, _one(link))
+            aff.remember(src.key, first)
             for b, n in zip(targets, results, strict=True):
                 restored += n
                 if n:
-                    aff.remember(b.key, _one(link))
+                    aff.remember(b.key, first)
         finally:
             for b in ready:
                 if b.spec.slot_dir:
@@ -270,10 +270,6 @@ class Sharing:
         self, inst: Instance, path: str, body: dict[str, Any] | None, timeout_s: float | None = CALL_TIMEOUT_S
     ) -> Any:
         return await warmkv.call(self.client, inst.kv_target(), path, body, timeout_s)
-
-
-def _one(link: bytes) -> RouteKey:
-    return RouteKey(((link, 1),))
 
 
 def _link(source: Path, target: Path) -> None:
